@@ -1,0 +1,52 @@
+# Two entry points for a fresh machine (README.md):
+#   make run   -- install what is needed, build, and run the main job
+#   make test  -- install what is needed, build, and run the test suite
+# Everything below is idempotent and fast when already done.
+
+VENV    ?= .venv
+PY      := $(VENV)/bin/python
+PYTHON  ?= python3
+SYSPKGS := fuse3 libfuse3-dev pkg-config fio e2fsprogs util-linux
+SUDO    := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+PYTEST_ARGS ?=
+
+.PHONY: run test sysdeps venv build debug test-debug bench clean
+
+sysdeps:
+	@missing=""; for p in $(SYSPKGS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing system packages:$$missing"; \
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing; \
+	fi
+
+$(VENV)/.installed: pyproject.toml setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q cython setuptools wheel
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+venv: sysdeps $(VENV)/.installed
+
+build: venv
+	$(PY) setup.py -q build_ext --inplace
+
+# assertions, bounds checks and Cython line tracing (NVMEFS_DEBUG=1)
+debug: venv
+	NVMEFS_DEBUG=1 $(PY) setup.py -q build_ext --inplace --force
+
+run: build
+	$(VENV)/bin/nvmefs selfcheck
+
+test: build
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-debug: debug
+	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) setup.py -q build_ext --inplace --force
+
+bench: build
+	$(PY) bench/core_bench.py
+
+clean:
+	rm -rf build $(VENV) nvmefs/*.so _core/*.c _core/*.html

@@ -1,0 +1,5 @@
+import sys
+
+from nvmefs.cli import main
+
+sys.exit(main())
