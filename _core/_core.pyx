@@ -8,6 +8,7 @@ from libc.string cimport memcpy, memset, memcmp
 from libc.stdlib cimport malloc, calloc, free
 from posix.stdlib cimport posix_memalign
 from libc.errno cimport errno, EAGAIN, EBUSY, EINVAL, ENOMEM, ESTALE, E2BIG, EOPNOTSUPP
+from posix.unistd cimport write, read, close
 from posix.mman cimport mmap, munmap, PROT_READ, PROT_WRITE, MAP_PRIVATE, MAP_ANONYMOUS, MAP_FAILED
 from cpython.buffer cimport PyBuffer_FillInfo
 from cpython.bytes cimport PyBytes_FromStringAndSize

@@ -68,6 +68,8 @@ cdef class QueuePair:
     cdef readonly uint64_t wrong_sqid
     cdef readonly uint64_t errors
     cdef bint test_doorbell_first      # deliberately defective ordering, tests only
+    cdef volatile uint32_t *idle_flag  # set by a device that sleeps when idle (the model)
+    cdef int kick_fd
 
     def __cinit__(self, DmaArena arena not None, RegisterFile regs not None, uint16_t qid,
                   uint32_t entries, uint32_t dstrd=0, uint32_t max_transfer=DEFAULT_MAX_TRANSFER,
@@ -75,6 +77,8 @@ cdef class QueuePair:
         self.out_cqe = NULL
         self.out_user = NULL
         self.py_segs = NULL
+        self.idle_flag = NULL
+        self.kick_fd = -1
         if entries < 2 or entries > 65536:
             raise ValueError(f"queue size {entries} outside 2..65536")
         if regs.doorbell(qid, 1, dstrd) + 1 > <volatile uint32_t *>(regs.base + regs.size):
@@ -209,6 +213,18 @@ cdef class QueuePair:
             self.sq_tail_rung = self.sq_tail
             nvmefs_doorbell_write(self.sq_db, self.sq_tail)
             self.doorbell_writes += 1
+            self.notify()
+
+    cdef inline void notify(self) noexcept nogil:
+        # A device that sleeps when idle (the software model) publishes an
+        # idle flag; the full fence orders our doorbell store before the
+        # flag load, pairing with the device's store-flag/fence/recheck, so
+        # either it sees the doorbell or we see the flag (no lost wake-up).
+        cdef uint64_t one = 1
+        if self.idle_flag != NULL:
+            nvmefs_mb()
+            if nvmefs_load_acquire32(self.idle_flag):
+                write(self.kick_fd, &one, sizeof(one))
 
     cdef int process_completions(self, uint32_t max_n) noexcept nogil:
         """Consume new CQEs (up to ``max_n``, 0 = all), copying each into its
@@ -254,6 +270,7 @@ cdef class QueuePair:
         if consumed:
             nvmefs_doorbell_write(self.cq_db, self.cq_head)
             self.cq_doorbell_writes += 1
+            self.notify()
         self.completed += n
         return n
 
@@ -268,13 +285,18 @@ cdef class QueuePair:
     def submit_command(self, uint8_t opc, uint32_t nsid=0, uint32_t cdw10=0, uint32_t cdw11=0,
                        uint32_t cdw12=0, uint32_t cdw13=0, uint32_t cdw14=0, uint32_t cdw15=0,
                        segments=None, uint64_t user=0, str dptr="auto", bint is_read=False,
-                       bint ring=True, uint64_t mptr=0, uint32_t cdw2=0, uint32_t cdw3=0):
+                       bint ring=True, uint64_t mptr=0, uint32_t cdw2=0, uint32_t cdw3=0,
+                       uint64_t prp1=0, uint64_t prp2=0):
         """Submit one command.  ``segments``: (bus address, length[, bit_bucket])
         tuples.  Returns the CID; raises QueueBusy when the SQ is full or no id
         is free (wait for completions), PrpLayoutError / SglLayoutError for
-        buffers the chosen data pointer cannot describe."""
+        buffers the chosen data pointer cannot describe.  Without segments,
+        ``prp1``/``prp2`` go into DPTR as given (queue bases of Create I/O
+        SQ/CQ, which are not data transfers)."""
         cdef nvme_sqe cmd
         memset(&cmd, 0, sizeof(cmd))
+        cmd.dptr[0] = prp1
+        cmd.dptr[1] = prp2
         cmd.opc = opc
         cmd.nsid = nsid
         cmd.cdw2 = cdw2
@@ -334,6 +356,13 @@ cdef class QueuePair:
     def sq_entry(self, uint32_t slot):
         """The raw 64 bytes of an SQ slot (tests)."""
         return PyBytes_FromStringAndSize(<char *>&self.sq[slot % self.entries], sizeof(nvme_sqe))
+
+    def set_notifier(self, uintptr_t idle_flag_address, int kick_fd):
+        """Wake a sleeping device after doorbell writes (see notify()); the
+        address and fd come from ControllerModel.notifier() and must outlive
+        this queue pair."""
+        self.idle_flag = <volatile uint32_t *>idle_flag_address
+        self.kick_fd = kick_fd
 
     def _set_doorbell_first(self, bint on):
         self.test_doorbell_first = on
