@@ -1,0 +1,365 @@
+"""Controller bring-up, admin commands, recovery and shutdown (trio).
+
+Bring-up follows NVME-NOTES.md "Bring-up": disable and wait (bounded by
+CAP.TO), program the admin queue, enable and wait, Identify, Set Features
+Number of Queues, then one I/O queue pair per CPU this process may run on,
+up to what the controller grants.  Timeouts follow Linux's nvme_timeout
+recipe: a fatal controller status resets at once; otherwise the command is
+aborted once, and if it still does not complete (or the abort fails, or an
+admin command times out) the controller is reset and the commands that
+were in flight are resubmitted by their callers.
+"""
+import logging
+import struct
+from contextlib import asynccontextmanager
+
+import psutil
+import trio
+
+from nvmefs.errors import ControllerError, NvmeError, error_from_status
+from nvmefs.queue import ControllerReset, IoQueue
+
+log = logging.getLogger("nvmefs.controller")
+
+REG_CAP, REG_VS, REG_CC, REG_CSTS, REG_AQA, REG_ASQ, REG_ACQ = 0x00, 0x08, 0x14, 0x1C, 0x24, 0x28, 0x30
+CC_EN = 1
+CC_IOSQES = 6 << 16
+CC_IOCQES = 4 << 20
+CC_SHN_NORMAL = 1 << 14
+CSTS_RDY, CSTS_CFS = 1, 2
+CSTS_SHST_MASK, CSTS_SHST_DONE = 0xC, 0x8
+
+ADM_DELETE_SQ, ADM_CREATE_SQ, ADM_GET_LOG, ADM_DELETE_CQ, ADM_CREATE_CQ = 0x00, 0x01, 0x02, 0x04, 0x05
+ADM_IDENTIFY, ADM_ABORT, ADM_SET_FEATURES, ADM_GET_FEATURES, ADM_FORMAT = 0x06, 0x08, 0x09, 0x0A, 0x80
+FEAT_VWC, FEAT_NUM_QUEUES = 0x06, 0x07
+
+
+def _cstr(raw):
+    return raw.split(b"\0")[0].decode("ascii", "replace").strip()
+
+
+def parse_identify_controller(raw):
+    vid, ssvid = struct.unpack_from("<HH", raw, 0)
+    oncs, = struct.unpack_from("<H", raw, 520)
+    return {
+        "vid": vid, "ssvid": ssvid, "sn": _cstr(raw[4:24]), "mn": _cstr(raw[24:64]),
+        "fr": _cstr(raw[64:72]), "mdts": raw[77], "cntlid": struct.unpack_from("<H", raw, 78)[0],
+        "ver": struct.unpack_from("<I", raw, 80)[0], "oacs": struct.unpack_from("<H", raw, 256)[0],
+        "aerl": raw[259], "elpe": raw[262], "sqes": raw[512], "cqes": raw[513],
+        "maxcmd": struct.unpack_from("<H", raw, 514)[0], "nn": struct.unpack_from("<I", raw, 516)[0],
+        "oncs": oncs, "vwc": raw[525], "sgls": struct.unpack_from("<I", raw, 536)[0],
+        "subnqn": _cstr(raw[768:1024]),
+    }
+
+
+def parse_identify_namespace(raw):
+    nsze, ncap, nuse = struct.unpack_from("<QQQ", raw, 0)
+    nlbaf, flbas = raw[25], raw[26]
+    lbafs = []
+    for i in range(nlbaf + 1):
+        dw, = struct.unpack_from("<I", raw, 128 + 4 * i)
+        lbafs.append({"ms": dw & 0xFFFF, "lbads": (dw >> 16) & 0xFF, "rp": (dw >> 24) & 3})
+    fmt = flbas & 0xF
+    return {"nsze": nsze, "ncap": ncap, "nuse": nuse, "nsfeat": raw[24], "nlbaf": nlbaf,
+            "flbas": flbas, "lbafs": lbafs, "lba_size": 1 << lbafs[fmt]["lbads"], "format": fmt}
+
+
+def usable_cpus():
+    try:
+        return len(psutil.Process().cpu_affinity())
+    except (AttributeError, OSError):
+        return psutil.cpu_count() or 1
+
+
+class Controller:
+    """A bring-up'd NVMe controller.  Use ``async with open_controller(t) as c``."""
+
+    def __init__(self, transport, nursery, *, io_queues=None, queue_entries=256, admin_entries=64,
+                 polled=False, timeout=10.0, admin_timeout=10.0, retries=3, max_transfer=None,
+                 bounce_bytes=16 << 20):
+        self.transport = transport
+        self.nursery = nursery
+        self.want_queues = io_queues or usable_cpus()
+        self.queue_entries = queue_entries
+        self.admin_entries = admin_entries
+        self.polled = polled
+        self.timeout = timeout
+        self.admin_timeout = admin_timeout
+        self.retries = retries
+        self.max_transfer_cap = max_transfer
+        self.bounce_bytes = bounce_bytes
+        self.admin_q = None
+        self.io_qs = []
+        self.namespaces = {}
+        self.ready = trio.Event()
+        self.generation = 0
+        self.resets = 0
+        self._reset_lock = trio.Lock()
+        self._rr = 0
+        self.closed = False
+        self.id_ctrl = {}
+        self._idbuf = None
+
+    # -- registers ---------------------------------------------------------------
+
+    async def _wait_csts(self, want_rdy, what):
+        deadline = trio.current_time() + max(self.cap_to, 0.5)
+        delay = 0.0005
+        while True:
+            csts = self.transport.read32(REG_CSTS)
+            if csts == 0xFFFFFFFF:
+                raise ControllerError(f"{self.transport.name}: controller not responding (CSTS reads all ones)")
+            if (csts & CSTS_RDY) == want_rdy:
+                return csts
+            if want_rdy and csts & CSTS_CFS:
+                raise ControllerError(f"{self.transport.name}: controller fatal status while {what}")
+            if trio.current_time() > deadline:
+                raise ControllerError(f"{self.transport.name}: controller did not {what} within "
+                                      f"CAP.TO ({self.cap_to:.1f} s)")
+            await trio.sleep(delay)
+            delay = min(delay * 2, 0.05)
+
+    async def _bring_up(self):
+        self.ready = trio.Event()
+        t = self.transport
+        cap = t.read64(REG_CAP)
+        self.mqes = cap & 0xFFFF
+        self.cap_to = ((cap >> 24) & 0xFF) * 0.5
+        self.dstrd = (cap >> 32) & 0xF
+        if not (cap >> 37) & 1:
+            raise ControllerError(f"{t.name}: controller does not support the NVM command set")
+        if (cap >> 48) & 0xF:
+            raise ControllerError(f"{t.name}: controller's minimum page size is above 4 KiB")
+        cc = t.read32(REG_CC)
+        if cc & CC_EN:
+            t.write32(REG_CC, cc & ~CC_EN)
+        await self._wait_csts(0, "become disabled")
+        entries = min(self.admin_entries, self.mqes + 1, 4096)
+        self.admin_q = IoQueue(t, 0, entries, max_transfer=64 << 10, sgls=0, polled=self.polled)
+        t.write32(REG_AQA, (entries - 1) | ((entries - 1) << 16))
+        t.write64(REG_ASQ, self.admin_q.qp.sq_iova)
+        t.write64(REG_ACQ, self.admin_q.qp.cq_iova)
+        t.write32(REG_CC, CC_EN | CC_IOSQES | CC_IOCQES)   # CSS NVM, MPS 4 KiB, round robin
+        await self._wait_csts(1, "become ready")
+        await self.nursery.start(self.admin_q.run)
+        if self._idbuf is None:
+            self._idbuf = t.arena.alloc(4096)
+
+        self.id_ctrl = parse_identify_controller(await self.identify(1))
+        mdts = self.id_ctrl["mdts"]
+        self.max_transfer = (1 << mdts) * 4096 if mdts else 8 << 20
+        if self.max_transfer_cap:
+            self.max_transfer = min(self.max_transfer, self.max_transfer_cap)
+        self.max_transfer = min(self.max_transfer, self.bounce_bytes)
+        self.sgls = self.id_ctrl["sgls"]
+
+        n = min(self.want_queues, t.max_vectors() - 1)
+        dw0, _ = await self.admin(ADM_SET_FEATURES, cdw10=FEAT_NUM_QUEUES, cdw11=(n - 1) | ((n - 1) << 16))
+        n = min(n, (dw0 & 0xFFFF) + 1, (dw0 >> 16) + 1)
+        entries = min(self.queue_entries, self.mqes + 1)
+        self.io_qs = []
+        for qid in range(1, n + 1):
+            q = IoQueue(t, qid, entries, max_transfer=self.max_transfer, sgls=self.sgls,
+                        polled=self.polled, bounce_bytes=self.bounce_bytes)
+            ien = 0 if self.polled else 1
+            await self.admin(ADM_CREATE_CQ, cdw10=qid | ((entries - 1) << 16),
+                             cdw11=1 | (ien << 1) | (qid << 16), prp1=q.qp.cq_iova)
+            await self.admin(ADM_CREATE_SQ, cdw10=qid | ((entries - 1) << 16),
+                             cdw11=1 | (qid << 16), prp1=q.qp.sq_iova)
+            await self.nursery.start(q.run)
+            self.io_qs.append(q)
+
+        nsids = struct.unpack("<1024I", await self.identify(2))
+        from nvmefs.namespace import Namespace
+        seen = set()
+        for nsid in nsids:
+            if nsid == 0:
+                break
+            info = parse_identify_namespace(await self.identify(0, nsid))
+            if nsid in self.namespaces:
+                self.namespaces[nsid].update(info)
+            else:
+                self.namespaces[nsid] = Namespace(self, nsid, info)
+            seen.add(nsid)
+        for gone in set(self.namespaces) - seen:
+            del self.namespaces[gone]
+        self.generation += 1
+        self.ready.set()
+
+    # -- commands ----------------------------------------------------------------
+
+    async def execute(self, q, opcode, *, timeout=None, nsid=0, lba=None, **cmd):
+        """Run one command on queue ``q``; returns (dw0, dw1).  Raises
+        NvmeError for an error status, ControllerReset if a reset took the
+        command (resubmit), ControllerError if the controller is gone."""
+        timeout = timeout or (self.admin_timeout if q.qid == 0 else self.timeout)
+        slot = await q.submit(opcode, deadline=trio.current_time() + timeout, nsid=nsid, **cmd)
+        with trio.move_on_at(slot.deadline):
+            await slot.event.wait()
+        if not slot.event.is_set():
+            await self._on_timeout(q, slot)
+        if slot.error is not None:
+            raise slot.error
+        if slot.status:
+            raise error_from_status(slot.status, opcode=opcode, cid=slot.cid, qid=q.qid,
+                                    nsid=nsid or None, lba=lba)
+        return slot.dw0, slot.dw1
+
+    async def admin(self, opcode, **cmd):
+        if self.closed:
+            raise ControllerError("controller is closed")
+        return await self.execute(self.admin_q, opcode, **cmd)
+
+    async def identify(self, cns, nsid=0):
+        buf = self._idbuf
+        await self.admin(ADM_IDENTIFY, nsid=nsid, cdw10=cns, segments=[(buf.iova, 4096)], is_read=True)
+        return bytes(memoryview(buf))
+
+    async def get_log_page(self, lid, nbytes, nsid=0xFFFFFFFF, offset=0):
+        buf = self.transport.arena.alloc(nbytes)
+        try:
+            numd = nbytes // 4 - 1
+            await self.admin(ADM_GET_LOG, nsid=nsid, cdw10=lid | ((numd & 0xFFFF) << 16),
+                             cdw11=numd >> 16, cdw12=offset & 0xFFFFFFFF, cdw13=offset >> 32,
+                             segments=[(buf.iova, nbytes)], is_read=True)
+            return bytes(memoryview(buf)[:nbytes])
+        finally:
+            buf.free()
+
+    async def get_features(self, fid, cdw11=0):
+        return (await self.admin(ADM_GET_FEATURES, cdw10=fid, cdw11=cdw11))[0]
+
+    async def set_features(self, fid, cdw11):
+        return (await self.admin(ADM_SET_FEATURES, cdw10=fid, cdw11=cdw11))[0]
+
+    def pick_queue(self):
+        """I/O queue for the next command: round robin over the per-CPU queues
+        (one trio thread submits to all of them)."""
+        self._rr = (self._rr + 1) % len(self.io_qs)
+        return self.io_qs[self._rr]
+
+    # -- recovery ----------------------------------------------------------------
+
+    def fatal(self):
+        return bool(self.transport.read32(REG_CSTS) & CSTS_CFS)
+
+    async def _on_timeout(self, q, slot):
+        gen = self.generation
+        if not self.ready.is_set():
+            # during bring-up there is nothing to reset to: give up clearly
+            slot.error = ControllerError(f"{self.transport.name}: controller stopped answering "
+                                         f"(opcode 0x{slot.opcode:02x} timed out during bring-up)")
+            return
+        log.warning("%s: %s command cid %d on queue %d timed out", self.transport.name,
+                    "admin" if q.qid == 0 else "I/O", slot.cid, q.qid)
+        if self.fatal():
+            await self.reset("controller fatal status", gen)
+            return
+        if q.qid != 0 and not slot.aborting:
+            slot.aborting = True
+            try:
+                dw0, _ = await self.admin(ADM_ABORT, cdw10=q.qid | (slot.cid << 16))
+                log.warning("abort of cid %d on queue %d: %s", slot.cid, q.qid,
+                            "command aborted" if not dw0 & 1 else "command not aborted")
+            except (NvmeError, ControllerReset, ControllerError) as exc:
+                log.warning("abort of cid %d on queue %d failed: %s", slot.cid, q.qid, exc)
+            if slot.event.is_set():
+                return
+            with trio.move_on_after(self.timeout):
+                await slot.event.wait()
+            if slot.event.is_set():
+                return
+        await self.reset("command timeout", gen)
+
+    async def reset(self, reason, generation=None):
+        """Controller reset: fail everything in flight with ControllerReset
+        (callers resubmit), then bring the controller up again."""
+        async with self._reset_lock:
+            if generation is not None and generation != self.generation:
+                return                       # someone else already reset it
+            if self.closed:
+                raise ControllerError("controller is closed")
+            self.resets += 1
+            log.warning("%s: resetting controller (%s)", self.transport.name, reason)
+            self.ready = trio.Event()
+            exc = ControllerReset(reason)
+            old = [self.admin_q] + self.io_qs
+            for q in old:
+                q.fail_all(exc)
+            for q in old:
+                await q.finished.wait()
+                q.close()
+            try:
+                await self._bring_up()
+            except ControllerError:
+                self.ready.set()     # waiters must see the failure, not hang
+                self.closed = True
+                raise
+
+    # -- shutdown ----------------------------------------------------------------
+
+    async def shutdown(self):
+        """Flush, delete I/O queues, CC.SHN normal shutdown, wait SHST."""
+        if self.closed:
+            return
+        t = self.transport
+        try:
+            if not self.fatal():
+                for ns in self.namespaces.values():
+                    try:
+                        await ns.flush()
+                    except (NvmeError, ControllerReset) as exc:
+                        log.warning("flush of namespace %d at shutdown failed: %s", ns.nsid, exc)
+                for q in reversed(self.io_qs):
+                    await self.admin(ADM_DELETE_SQ, cdw10=q.qid)
+                    await self.admin(ADM_DELETE_CQ, cdw10=q.qid)
+            cc = t.read32(REG_CC)
+            t.write32(REG_CC, (cc & ~(3 << 14)) | CC_SHN_NORMAL)
+            deadline = trio.current_time() + max(self.cap_to, 1.0)
+            while (t.read32(REG_CSTS) & CSTS_SHST_MASK) != CSTS_SHST_DONE:
+                if trio.current_time() > deadline:
+                    log.warning("%s: shutdown did not complete within CAP.TO", t.name)
+                    break
+                await trio.sleep(0.001)
+        except (NvmeError, ControllerError, ControllerReset) as exc:
+            log.warning("%s: clean shutdown failed: %s", t.name, exc)
+        finally:
+            self.closed = True
+            for q in [self.admin_q] + self.io_qs:
+                if q is not None:
+                    q.fail_all(ControllerError("controller shut down"))
+            for q in [self.admin_q] + self.io_qs:
+                if q is not None:
+                    await q.finished.wait()
+                    q.close()
+
+    def stats(self):
+        return {"transport": self.transport.name, "resets": self.resets,
+                "queues": [q.stats() for q in [self.admin_q] + self.io_qs]}
+
+    async def _health(self):
+        # CSTS.CFS can appear with nothing in flight; Linux notices it in its
+        # keep-alive/timeout paths, we poll it (cheap register read).
+        while True:
+            await trio.sleep(0.5)
+            if not self.closed and self.ready.is_set() and self.fatal():
+                try:
+                    await self.reset("controller fatal status", self.generation)
+                except ControllerError as exc:
+                    log.error("%s", exc)
+                    return
+
+
+@asynccontextmanager
+async def open_controller(transport, **options):
+    """Bring a controller up; shut it down cleanly on exit."""
+    async with trio.open_nursery() as nursery:
+        ctrl = Controller(transport, nursery, **options)
+        try:
+            await ctrl._bring_up()
+            nursery.start_soon(ctrl._health)
+            yield ctrl
+        finally:
+            with trio.CancelScope(shield=True):
+                await ctrl.shutdown()
+            nursery.cancel_scope.cancel()

@@ -1,0 +1,220 @@
+"""The trio async namespace API: read, write, flush, write_zeroes,
+deallocate, compare.
+
+Transfers larger than the controller's MDTS are split and the pieces are
+issued concurrently (on different queues).  Data is copied through the
+queue's bounce pool unless the caller passes an arena DmaBuffer (zero copy).
+Retryable statuses are retried a bounded number of times; commands lost to a
+controller reset are resubmitted once the controller is back.
+"""
+import logging
+import struct
+
+import trio
+
+from nvmefs import _core
+from nvmefs.errors import ControllerError, NvmeError
+from nvmefs.queue import ControllerReset
+
+log = logging.getLogger("nvmefs.namespace")
+
+IO_FLUSH, IO_WRITE, IO_READ, IO_COMPARE, IO_WRITE_ZEROES, IO_DSM = 0x00, 0x01, 0x02, 0x05, 0x08, 0x09
+FUA = 1 << 30
+DEAC = 1 << 25
+MAX_NLB = 1 << 16          # NLB is a 16-bit 0-based field
+
+
+class Namespace:
+    def __init__(self, ctrl, nsid, info):
+        self.ctrl = ctrl
+        self.nsid = nsid
+        self.retried = 0
+        self.update(info)
+
+    def update(self, info):
+        self.info = info
+        self.lba_size = info["lba_size"]
+        self.nlbas = info["nsze"]
+        self.size = self.nlbas * self.lba_size
+
+    def __repr__(self):
+        return f"<Namespace {self.nsid}: {self.nlbas} x {self.lba_size} B>"
+
+    # -- plumbing ------------------------------------------------------------------
+
+    def _check_range(self, lba, count):
+        if lba < 0 or count < 0 or lba + count > self.nlbas:
+            raise ValueError(f"LBA range {lba}+{count} outside namespace {self.nsid} ({self.nlbas} LBAs)")
+
+    async def _command(self, opcode, *, lba=None, nbytes=0, data_out=None, data_in=None, **cmd):
+        """One command with bounce/zero-copy data, retries and reset handling."""
+        ctrl = self.ctrl
+        attempt = 0
+        while True:
+            await ctrl.ready.wait()
+            if ctrl.closed:
+                raise ControllerError("controller is closed")
+            q = ctrl.pick_queue()
+            chunks = None
+            try:
+                if nbytes:
+                    buf = data_out if data_out is not None else data_in
+                    if isinstance(buf, (_core.DmaBuffer, _SubBuffer)):
+                        cmd["segments"] = [(buf.iova, nbytes)]
+                    else:
+                        chunks = await q.bounce.take(nbytes)
+                        cmd["segments"] = q.bounce.segments(chunks, nbytes)
+                        if data_out is not None:
+                            q.bounce.copy_in(chunks, data_out)
+                    cmd["is_read"] = data_in is not None
+                result = await ctrl.execute(q, opcode, nsid=self.nsid, lba=lba, **cmd)
+                if chunks is not None and data_in is not None:
+                    q.bounce.copy_out(chunks, data_in, nbytes)
+                return result
+            except ControllerReset as exc:
+                attempt += 1
+                if attempt > ctrl.retries + 1:
+                    raise ControllerError(f"namespace {self.nsid}: command lost to {attempt} "
+                                          f"controller resets ({exc})") from None
+                self.retried += 1
+            except NvmeError as exc:
+                attempt += 1
+                # the host aborts only commands that timed out: resubmit those
+                # (Linux's disposition for an Abort Requested without DNR)
+                again = exc.retryable or (exc.name == "ABORT_REQUESTED" and not exc.dnr)
+                if not again or attempt > ctrl.retries:
+                    raise
+                self.retried += 1
+                log.info("retrying after %s (attempt %d)", exc, attempt)
+                await trio.sleep(0.001 * (1 << attempt))
+            finally:
+                if chunks is not None:
+                    q.bounce.give(chunks)
+
+    def _pieces(self, lba, count):
+        per = max(1, min(self.ctrl.max_transfer // self.lba_size, MAX_NLB))
+        while count:
+            n = min(per, count)
+            yield lba, n
+            lba += n
+            count -= n
+
+    async def _split(self, lba, count, fn):
+        pieces = list(self._pieces(lba, count))
+        if len(pieces) == 1:
+            await fn(*pieces[0], 0)
+            return
+        async with trio.open_nursery() as nursery:
+            off = 0
+            for plba, n in pieces:
+                nursery.start_soon(fn, plba, n, off)
+                off += n * self.lba_size
+
+    # -- the API -------------------------------------------------------------------
+
+    async def read(self, lba, count, buf=None):
+        """Read ``count`` LBAs into ``buf`` (any writable buffer, or a
+        DmaBuffer for zero copy); returns the buffer (a new bytearray when
+        none is given)."""
+        self._check_range(lba, count)
+        nbytes = count * self.lba_size
+        if buf is None:
+            buf = bytearray(nbytes)
+        if len(memoryview(buf).cast("B")) < nbytes:
+            raise ValueError(f"buffer of {len(memoryview(buf).cast('B'))} bytes for {nbytes} bytes of data")
+        zero_copy = isinstance(buf, _core.DmaBuffer)
+        view = memoryview(buf).cast("B") if not zero_copy else None
+
+        async def piece(plba, n, off):
+            size = n * self.lba_size
+            if zero_copy:
+                sub = _SubBuffer(buf, off)
+                await self._command(IO_READ, lba=plba, nbytes=size, data_in=sub,
+                                    cdw10=plba & 0xFFFFFFFF, cdw11=plba >> 32, cdw12=n - 1)
+            else:
+                await self._command(IO_READ, lba=plba, nbytes=size, data_in=view[off:off + size],
+                                    cdw10=plba & 0xFFFFFFFF, cdw11=plba >> 32, cdw12=n - 1)
+
+        await self._split(lba, count, piece)
+        return buf
+
+    async def write(self, lba, data, *, fua=False):
+        """Write ``data`` (a multiple of the LBA size) at ``lba``."""
+        zero_copy = isinstance(data, _core.DmaBuffer)
+        view = memoryview(data).cast("B") if not zero_copy else None
+        nbytes = data.size if zero_copy else len(view)
+        if nbytes % self.lba_size:
+            raise ValueError(f"write of {nbytes} bytes is not a multiple of the LBA size {self.lba_size}")
+        count = nbytes // self.lba_size
+        self._check_range(lba, count)
+
+        async def piece(plba, n, off):
+            size = n * self.lba_size
+            out = _SubBuffer(data, off) if zero_copy else view[off:off + size]
+            await self._command(IO_WRITE, lba=plba, nbytes=size, data_out=out,
+                                cdw10=plba & 0xFFFFFFFF, cdw11=plba >> 32,
+                                cdw12=(n - 1) | (FUA if fua else 0))
+
+        await self._split(lba, count, piece)
+
+    async def flush(self):
+        await self._command(IO_FLUSH)
+
+    async def write_zeroes(self, lba, count, *, deallocate=False):
+        self._check_range(lba, count)
+
+        async def piece(plba, n, _off):
+            await self._command(IO_WRITE_ZEROES, lba=plba, cdw10=plba & 0xFFFFFFFF, cdw11=plba >> 32,
+                                cdw12=(n - 1) | (DEAC if deallocate else 0))
+
+        for plba, n in _ranges_by(lba, count, MAX_NLB):
+            await piece(plba, n, 0)
+
+    async def deallocate(self, ranges):
+        """Dataset Management deallocate of [(lba, count), ...]; reads of
+        deallocated blocks return zeroes on controllers that say so."""
+        flat = []
+        for lba, count in ranges:
+            self._check_range(lba, count)
+            flat += list(_ranges_by(lba, count, 0xFFFFFFFF))
+        for i in range(0, len(flat), 256):
+            group = flat[i:i + 256]
+            payload = b"".join(struct.pack("<IIQ", 0, n, lba) for lba, n in group)
+            await self._command(IO_DSM, nbytes=len(payload), data_out=payload,
+                                cdw10=len(group) - 1, cdw11=1 << 2)
+
+    async def compare(self, lba, data):
+        """True when the media holds ``data`` at ``lba`` (NVMe Compare)."""
+        view = memoryview(data).cast("B")
+        if len(view) % self.lba_size:
+            raise ValueError("compare length is not a multiple of the LBA size")
+        count = len(view) // self.lba_size
+        self._check_range(lba, count)
+        try:
+            for plba, n in self._pieces(lba, count):
+                off = (plba - lba) * self.lba_size
+                await self._command(IO_COMPARE, lba=plba, nbytes=n * self.lba_size,
+                                    data_out=view[off:off + n * self.lba_size],
+                                    cdw10=plba & 0xFFFFFFFF, cdw11=plba >> 32, cdw12=n - 1)
+        except NvmeError as exc:
+            if exc.name == "COMPARE_FAILURE":
+                return False
+            raise
+        return True
+
+
+def _ranges_by(lba, count, most):
+    while count:
+        n = min(most, count)
+        yield lba, n
+        lba += n
+        count -= n
+
+
+class _SubBuffer:
+    """A window of a DmaBuffer for zero-copy split transfers (quacks like one
+    for Namespace._command: ``iova``; the data never moves)."""
+    __slots__ = ("iova",)
+
+    def __init__(self, buf, off):
+        self.iova = buf.iova + off

@@ -1,0 +1,216 @@
+"""Trio side of a queue pair: submission with back-pressure, completion
+delivery from the queue's interrupt eventfd (or polling), and a bounce pool.
+
+One IoQueue belongs to the trio thread that created it; the Cython queue
+pair underneath needs no lock because nothing else touches it (brief,
+defect 3).  Each in-flight command has exactly one slot, indexed by its
+tracker (the CID's index bits): the slot is where its completion lands
+(defect 5).
+"""
+import logging
+import os
+
+import trio
+
+from nvmefs import _core
+from nvmefs.errors import QueueBusy
+
+log = logging.getLogger("nvmefs.queue")
+
+
+class ControllerReset(Exception):
+    """Internal: the command was lost to a controller reset; callers resubmit."""
+
+
+class _Slot:
+    __slots__ = ("event", "status", "dw0", "dw1", "cid", "opcode", "deadline", "error", "aborting")
+
+    def __init__(self, opcode, deadline):
+        self.event = trio.Event()
+        self.status = None
+        self.dw0 = self.dw1 = 0
+        self.cid = None
+        self.opcode = opcode
+        self.deadline = deadline
+        self.error = None
+        self.aborting = False
+
+
+class BouncePool:
+    """Page-aligned DMA chunks a queue copies caller buffers through.  One
+    arena allocation at queue creation; the I/O path only takes and returns
+    chunk indices, and waits when the pool is empty."""
+
+    def __init__(self, arena, chunk, count):
+        self.chunk = chunk
+        self.buf = arena.alloc(chunk * count)
+        self.view = memoryview(self.buf)
+        self.free = list(range(count - 1, -1, -1))
+        self.lot = trio.lowlevel.ParkingLot()
+        self.waits = 0
+
+    async def take(self, nbytes):
+        n = max(1, -(-nbytes // self.chunk))
+        if n > self.capacity():
+            raise ValueError(f"transfer of {nbytes} bytes exceeds the bounce pool")
+        while len(self.free) < n:
+            self.waits += 1
+            await self.lot.park()
+        return [self.free.pop() for _ in range(n)]
+
+    def capacity(self):
+        return self.buf.size // self.chunk
+
+    def give(self, chunks):
+        self.free.extend(chunks)
+        self.lot.unpark_all()
+
+    def segments(self, chunks, nbytes):
+        segs, left = [], nbytes
+        for c in chunks:
+            n = min(self.chunk, left)
+            segs.append((self.buf.iova + c * self.chunk, n))
+            left -= n
+        return segs
+
+    def copy_in(self, chunks, src):
+        src = memoryview(src).cast("B")
+        pos = 0
+        for c in chunks:
+            n = min(self.chunk, len(src) - pos)
+            self.view[c * self.chunk:c * self.chunk + n] = src[pos:pos + n]
+            pos += n
+
+    def copy_out(self, chunks, dst, nbytes):
+        dst = memoryview(dst).cast("B")
+        pos = 0
+        for c in chunks:
+            n = min(self.chunk, nbytes - pos)
+            dst[pos:pos + n] = self.view[c * self.chunk:c * self.chunk + n]
+            pos += n
+
+    def close(self):
+        self.view.release()
+        self.buf.free()
+
+
+class IoQueue:
+    """A queue pair plus what trio needs to use it.  Created by Controller."""
+
+    def __init__(self, transport, qid, entries, *, max_transfer, sgls, polled=False,
+                 bounce_chunk=128 << 10, bounce_bytes=16 << 20, max_sgl_segments=256):
+        self.transport = transport
+        self.qid = qid
+        self.qp = _core.QueuePair(transport.arena, transport.regs, qid, entries,
+                                  dstrd=(transport.read64(0) >> 32) & 0xF,
+                                  max_transfer=max_transfer, max_sgl_segments=max_sgl_segments)
+        self.qp.sgls = sgls
+        transport.attach(self.qp)
+        self.polled = polled
+        self.fd = None if polled else transport.irq_fd(qid)
+        self.mask = (1 << self.qp.cids.index_bits) - 1
+        self.slots = [None] * self.qp.depth
+        self.space = trio.lowlevel.ParkingLot()
+        self.kick = trio.Event()
+        self.bounce = BouncePool(transport.arena, bounce_chunk, max(1, bounce_bytes // bounce_chunk)) \
+            if qid else None
+        self.busy_waits = 0
+        self.dead = False
+        self.cancel_scope = None
+        self.finished = trio.Event()   # the completion task has left wait_readable
+        self.interrupts = 0
+
+    # -- completion side ---------------------------------------------------------
+
+    def _deliver(self):
+        got = self.qp.reap()
+        for _user, cid, status, dw0, dw1 in got:
+            i = cid & self.mask
+            slot = self.slots[i]
+            self.slots[i] = None
+            if slot is None:       # the core already dropped stale ids; this would be a bug
+                log.error("queue %d: completion for cid %d with no waiter", self.qid, cid)
+                continue
+            slot.status, slot.dw0, slot.dw1 = status, dw0, dw1
+            slot.event.set()
+        if got:
+            self.space.unpark_all()
+        return len(got)
+
+    async def run(self, task_status=trio.TASK_STATUS_IGNORED):
+        """The queue's completion task: waits on the interrupt eventfd (never
+        blocking the trio thread), or polls while commands are in flight."""
+        with trio.CancelScope() as scope:
+            self.cancel_scope = scope
+            task_status.started()
+            try:
+                await self._loop()
+            finally:
+                self.finished.set()
+
+    async def _loop(self):
+        while True:
+            if self.polled:
+                if self.qp.outstanding == 0:
+                    self.kick = trio.Event()
+                    await self.kick.wait()
+                if not self._deliver():
+                    await trio.sleep(0)
+                continue
+            await trio.lowlevel.wait_readable(self.fd)
+            try:
+                os.read(self.fd, 8)
+            except BlockingIOError:
+                pass
+            self.interrupts += 1
+            self._deliver()
+
+    # -- submission side ---------------------------------------------------------
+
+    async def submit(self, opcode, *, deadline, **cmd):
+        """Place a command and return its slot (await slot.event).  Waits for
+        SQ space and free command ids instead of failing (defects 1, 2)."""
+        while True:
+            if self.dead:
+                raise ControllerReset(f"queue {self.qid} was torn down")
+            try:
+                cid = self.qp.submit_command(opcode, **cmd)
+                break
+            except QueueBusy:
+                self.busy_waits += 1
+                # completions may already sit in the CQ: take them before sleeping
+                if not self._deliver():
+                    await self.space.park()
+        slot = _Slot(opcode, deadline)
+        slot.cid = cid
+        self.slots[cid & self.mask] = slot
+        if self.polled:
+            self.kick.set()
+        return slot
+
+    def outstanding_slots(self):
+        return [s for s in self.slots if s is not None]
+
+    def fail_all(self, exc):
+        """Controller reset: every waiter gets ``exc``; the queue is dead."""
+        self.dead = True
+        for i, slot in enumerate(self.slots):
+            if slot is not None:
+                slot.error = exc
+                slot.event.set()
+                self.slots[i] = None
+        self.space.unpark_all()
+        if self.cancel_scope is not None:
+            self.cancel_scope.cancel()
+
+    def stats(self):
+        s = self.qp.stats()
+        s["busy_waits"] = self.busy_waits
+        s["interrupts"] = self.interrupts
+        if self.bounce is not None:
+            s["bounce_waits"] = self.bounce.waits
+        return s
+
+    def close(self):
+        if self.bounce is not None:
+            self.bounce.close()
