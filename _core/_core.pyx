@@ -5,6 +5,8 @@
 
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int64_t, uintptr_t
 from libc.string cimport memcpy, memset, memcmp
+from libc.string cimport memmove, strlen
+from libc.stdlib cimport realloc
 from libc.stdlib cimport malloc, calloc, free
 from posix.stdlib cimport posix_memalign
 from libc.errno cimport errno, EAGAIN, EBUSY, EINVAL, ENOMEM, ESTALE, E2BIG, EOPNOTSUPP
@@ -33,6 +35,11 @@ include "cid.pyx"
 include "prp.pyx"
 include "sgl.pyx"
 include "qpair.pyx"
+include "model_store.pyx"
+include "model_dma.pyx"
+include "model_ctrl.pyx"
+include "model_admin.pyx"
+include "model_io.pyx"
 include "builders.pyx"
 include "echo_device.pyx"
 include "bench_loops.pyx"

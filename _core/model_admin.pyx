@@ -1,0 +1,495 @@
+# Admin commands of the controller model (NVMe base 2.0 section 5;
+# NVME-NOTES "Admin commands").  Each returns a model status
+# (DNR << 15 | SCT << 8 | SC) and may set the completion's DW0 in ``x``.
+# Checks follow the specification; where it leaves the DNR bit or the order
+# of checks open, QEMU's emulated controller (hw/nvme/ctrl.c) is the guide.
+
+cdef enum:
+    ADM_DELETE_SQ = 0x00
+    ADM_CREATE_SQ = 0x01
+    ADM_GET_LOG = 0x02
+    ADM_DELETE_CQ = 0x04
+    ADM_CREATE_CQ = 0x05
+    ADM_IDENTIFY = 0x06
+    ADM_ABORT = 0x08
+    ADM_SET_FEATURES = 0x09
+    ADM_GET_FEATURES = 0x0A
+    ADM_AER = 0x0C
+    ADM_DBBUF = 0x7C
+    ADM_FORMAT = 0x80
+
+    FID_VWC = 0x06
+    FID_NUM_QUEUES = 0x07
+    FID_IRQ_COALESCING = 0x08
+    FID_ASYNC_EVENT = 0x0B
+
+    MDL_VID = 0xFFFE          # not a registered PCI vendor: a software device
+    MDL_CNTLID = 1
+
+
+cdef inline void put16(uint8_t *p, uint16_t v) noexcept nogil:
+    memcpy(p, &v, 2)
+
+cdef inline void put32(uint8_t *p, uint32_t v) noexcept nogil:
+    memcpy(p, &v, 4)
+
+cdef inline void put64(uint8_t *p, uint64_t v) noexcept nogil:
+    memcpy(p, &v, 8)
+
+cdef inline void put128(uint8_t *p, uint64_t v) noexcept nogil:
+    memcpy(p, &v, 8)
+    memset(p + 8, 0, 8)
+
+
+cdef int mdl_admin_to_host(mdl_ctrl *c, mdl_cmdctx *x, const uint8_t *buf, uint64_t length) noexcept nogil:
+    """Map the command's PRPs for ``length`` bytes and copy ``buf`` there."""
+    cdef int st = mdl_map_dptr(c.arena, x.cmd, length, True, 0, c.scratch, &c.iol)
+    if st:
+        return st
+    mdl_iol_copy_out(&c.iol, buf, length)
+    return 0
+
+
+cdef inline bint mdl_nsid_ok(mdl_ctrl *c, uint32_t nsid) noexcept nogil:
+    return nsid >= 1 and nsid <= c.store.nns
+
+
+# --- queues ---------------------------------------------------------------------------
+
+cdef int mdl_create_cq(mdl_ctrl *c, mdl_cmdctx *x) noexcept nogil:
+    cdef nvme_sqe *cmd = x.cmd
+    cdef uint32_t qid = cmd.cdw10 & 0xFFFF, qsize = cmd.cdw10 >> 16
+    cdef uint32_t pc = cmd.cdw11 & 1, ien = (cmd.cdw11 >> 1) & 1, iv = cmd.cdw11 >> 16
+    cdef uint64_t base = cmd.dptr[0]
+    cdef mdl_cq *cq
+    cdef nvme_cqe *ring
+    if qid == 0 or qid > c.nq or c.cq[qid].valid:
+        return MST_QID_INVALID | MST_DNR
+    if qsize == 0 or qsize > c.mqes:
+        return MST_QSIZE_INVALID | MST_DNR
+    if base == 0:
+        return MST_INVALID_FIELD | MST_DNR
+    if base & MDL_PAGE_MASK:
+        return MST_PRP_OFFSET | MST_DNR
+    if iv >= c.nvec:
+        return MST_IV_INVALID | MST_DNR
+    if not pc:
+        return MST_INVALID_FIELD | MST_DNR     # CAP.CQR = 1: contiguous queues only
+    ring = <nvme_cqe *>mdl_tr(c.arena, base, <uint64_t>(qsize + 1) * 16)
+    if ring == NULL:
+        return MST_DATA_XFER
+    cq = &c.cq[qid]
+    memset(cq, 0, sizeof(mdl_cq))
+    cq.ring = ring
+    cq.base = base
+    cq.size = qsize + 1
+    cq.phase = 1
+    cq.ien = ien
+    cq.iv = iv
+    mdl_zero_doorbells(c, qid)
+    if c.dbbuf:
+        mdl_shadow_store(c, qid, 1, 0)
+        mdl_eventidx_store(c, qid, 1, 0)
+    cq.valid = 1
+    return 0
+
+
+cdef int mdl_create_sq(mdl_ctrl *c, mdl_cmdctx *x) noexcept nogil:
+    cdef nvme_sqe *cmd = x.cmd
+    cdef uint32_t qid = cmd.cdw10 & 0xFFFF, qsize = cmd.cdw10 >> 16
+    cdef uint32_t pc = cmd.cdw11 & 1, cqid = cmd.cdw11 >> 16
+    cdef uint64_t base = cmd.dptr[0]
+    cdef mdl_sq *sq
+    cdef nvme_sqe *ring
+    if cqid == 0 or cqid > c.nq or not c.cq[cqid].valid:
+        return MST_CQ_INVALID | MST_DNR
+    if qid == 0 or qid > c.nq or c.sq[qid].valid:
+        return MST_QID_INVALID | MST_DNR
+    if qsize == 0 or qsize > c.mqes:
+        return MST_QSIZE_INVALID | MST_DNR
+    if base == 0:
+        return MST_INVALID_FIELD | MST_DNR
+    if base & MDL_PAGE_MASK:
+        return MST_PRP_OFFSET | MST_DNR
+    if not pc:
+        return MST_INVALID_FIELD | MST_DNR
+    ring = <nvme_sqe *>mdl_tr(c.arena, base, <uint64_t>(qsize + 1) * 64)
+    if ring == NULL:
+        return MST_DATA_XFER
+    sq = &c.sq[qid]
+    memset(sq, 0, sizeof(mdl_sq))
+    sq.ring = ring
+    sq.base = base
+    sq.size = qsize + 1
+    sq.cqid = <uint16_t>cqid
+    c.sq[qid].db_last = 0
+    mdl_reg_store(c, mdl_db_off(c, qid, 0), 0)
+    if c.dbbuf:
+        mdl_shadow_store(c, qid, 0, 0)
+        mdl_eventidx_store(c, qid, 0, 0)
+    c.cq[cqid].nsq += 1
+    sq.valid = 1
+    return 0
+
+
+cdef int mdl_delete_sq(mdl_ctrl *c, mdl_cmdctx *x) noexcept nogil:
+    cdef uint32_t qid = x.cmd.cdw10 & 0xFFFF
+    cdef uint32_t i = 0
+    cdef mdl_held *h
+    if qid == 0 or qid > c.nq or not c.sq[qid].valid:
+        return MST_QID_INVALID | MST_DNR
+    # commands still held for this SQ end with "aborted due to SQ deletion"
+    while i < c.nheld:
+        h = &c.held[i]
+        if h.sqid == qid:
+            if h.kind == HELD_POST:
+                mdl_post(c, h.sqid, h.cid, h.dw0, h.st)
+            else:
+                mdl_count_error(c, h.sqid, h.cid, MST_ABORT_SQ_DEL, h.lba, h.nsid)
+                mdl_post(c, h.sqid, h.cid, 0, MST_ABORT_SQ_DEL)
+            mdl_held_remove(c, i)
+            continue
+        i += 1
+    c.cq[c.sq[qid].cqid].nsq -= 1
+    c.sq[qid].valid = 0
+    c.sq[qid].db_last = 0
+    c.sq[qid].bad_last = 0
+    mdl_reg_store(c, mdl_db_off(c, qid, 0), 0)
+    return 0
+
+
+cdef int mdl_delete_cq(mdl_ctrl *c, mdl_cmdctx *x) noexcept nogil:
+    cdef uint32_t qid = x.cmd.cdw10 & 0xFFFF
+    if qid == 0 or qid > c.nq or not c.cq[qid].valid:
+        # the specification's Invalid Queue Identifier (QEMU answers CQ Invalid)
+        return MST_QID_INVALID | MST_DNR
+    if c.cq[qid].nsq:
+        return MST_QDEL_INVALID              # no DNR, as QEMU: it works once the SQs are gone
+    c.cq[qid].valid = 0
+    c.cq[qid].db_last = 0
+    c.cq[qid].bad_last = 0
+    mdl_reg_store(c, mdl_db_off(c, qid, 1), 0)
+    return 0
+
+
+# --- Identify -------------------------------------------------------------------------
+
+cdef void mdl_identify_ctrl(mdl_ctrl *c, uint8_t *b) noexcept nogil:
+    cdef const char *fr = b"1.0     "
+    cdef const char *nqn = b"nqn.2024-01.io.nvmefs:ctrl:"
+    cdef size_t n
+    put16(b + 0, MDL_VID)
+    put16(b + 2, MDL_VID)
+    memcpy(b + 4, c.serial, 20)
+    memcpy(b + 24, c.model, 40)
+    memcpy(b + 64, fr, 8)
+    b[72] = 6                                   # RAB
+    b[77] = <uint8_t>c.mdts
+    put16(b + 78, MDL_CNTLID)
+    put32(b + 80, 0x00010400)                   # VER 1.4.0
+    put16(b + 256, (1 << 1) | (1 << 8))         # OACS: Format NVM, Doorbell Buffer Config
+    b[258] = MDL_ACL
+    b[259] = MDL_AERL
+    b[260] = 0x03                               # FRMW: one slot, read only
+    b[261] = 0x04                               # LPA: extended data for Get Log Page
+    b[262] = MDL_ERRLOG_ENTRIES - 1             # ELPE, 0-based
+    b[263] = 0                                  # NPSS: one power state
+    put16(b + 266, 343)                         # WCTEMP 70 C
+    put16(b + 268, 358)                         # CCTEMP 85 C
+    b[512] = 0x66                               # SQES
+    b[513] = 0x44                               # CQES
+    put16(b + 514, <uint16_t>(c.mqes if c.mqes < 0xFFFF else 0xFFFF))   # MAXCMD
+    put32(b + 516, c.store.nns)                 # NN
+    put16(b + 520, (1 << 0) | (1 << 2) | (1 << 3))   # ONCS: Compare, DSM, Write Zeroes
+    b[525] = 0x07 if c.vwc else 0x00            # VWC present, flush to NSID FFFFFFFFh supported
+    put32(b + 536, c.sgls)
+    n = strlen(nqn)
+    memcpy(b + 768, nqn, n)
+    memcpy(b + 768 + n, c.serial, 20)
+    put16(b + 2048, 2500)                       # power state 0: 25 W
+
+
+cdef void mdl_identify_ns(mdl_ctrl *c, uint32_t nsid, uint8_t *b) noexcept nogil:
+    cdef mdl_ns *ns = &c.store.ns[nsid - 1]
+    put64(b + 0, ns.nlba)                       # NSZE
+    put64(b + 8, ns.nlba)                       # NCAP
+    put64(b + 16, ns.nlba)                      # NUSE
+    b[24] = 0                                   # NSFEAT
+    b[25] = 1                                   # NLBAF (0-based): two formats
+    b[26] = <uint8_t>ns.lbaf                    # FLBAS
+    b[33] = 0x09                                # DLFEAT: deallocated reads zero; WZ DEAC
+    put128(b + 48, ns.size)                     # NVMCAP
+    put32(b + 128, (9 << 16) | (2 << 24))       # LBAF0: 512 B, good performance
+    put32(b + 132, 12 << 16)                    # LBAF1: 4096 B, best performance
+
+
+cdef int mdl_identify(mdl_ctrl *c, mdl_cmdctx *x) noexcept nogil:
+    cdef uint32_t cns = x.cmd.cdw10 & 0xFF, nsid = x.cmd.nsid, i, n = 0
+    cdef uint8_t *b = c.abuf
+    memset(b, 0, 4096)
+    if cns == 0x00:
+        if not mdl_nsid_ok(c, nsid):
+            return MST_INVALID_NS | MST_DNR
+        mdl_identify_ns(c, nsid, b)
+    elif cns == 0x01:
+        mdl_identify_ctrl(c, b)
+    elif cns == 0x02:
+        if nsid >= MDL_NSID_ALL - 1:
+            return MST_INVALID_NS | MST_DNR
+        for i in range(1, c.store.nns + 1):
+            if i > nsid:
+                put32(b + 4 * n, i)
+                n += 1
+    elif cns == 0x03:
+        # namespace identification descriptor list: one UUID (NIDT 3)
+        if not mdl_nsid_ok(c, nsid):
+            return MST_INVALID_NS | MST_DNR
+        b[0] = 3
+        b[1] = 16
+        memcpy(b + 4, c.serial, 12)
+        put32(b + 16, nsid)
+        b[4 + 6] = (b[4 + 6] & 0x0F) | 0x40     # version 4 layout
+        b[4 + 8] = (b[4 + 8] & 0x3F) | 0x80
+    else:
+        return MST_INVALID_FIELD | MST_DNR
+    return mdl_admin_to_host(c, x, b, 4096)
+
+
+# --- log pages ------------------------------------------------------------------------
+
+cdef uint32_t mdl_smart_log(mdl_ctrl *c, uint8_t *b) noexcept nogil:
+    cdef uint64_t now = nvmefs_now_ns()
+    cdef uint64_t secs = c.store.power_on_seconds + (now - c.start_ns) // 1000000000
+    memset(b, 0, 512)
+    b[0] = 0x08 if c.fatal else 0               # critical warning: read only / fatal
+    put16(b + 1, 300)                           # composite temperature, kelvin
+    b[3] = 100                                  # available spare
+    b[4] = 10                                   # spare threshold
+    b[5] = 0                                    # percentage used
+    # data units are thousands of 512-byte units, rounded up
+    put128(b + 32, ((c.bytes_read >> 9) + 999) // 1000)
+    put128(b + 48, ((c.bytes_written >> 9) + 999) // 1000)
+    put128(b + 64, c.host_reads)
+    put128(b + 80, c.host_writes)
+    put128(b + 96, c.busy_ns // (<uint64_t>60 * 1000000000))   # controller busy time, minutes
+    put128(b + 112, c.store.power_cycles)
+    put128(b + 128, secs // 3600)
+    put128(b + 144, c.store.unsafe_shutdowns)
+    put128(b + 160, c.media_errors)
+    put128(b + 176, c.error_count)
+    return 512
+
+
+cdef int mdl_get_log(mdl_ctrl *c, mdl_cmdctx *x) noexcept nogil:
+    cdef nvme_sqe *cmd = x.cmd
+    cdef uint32_t lid = cmd.cdw10 & 0xFF, rae = (cmd.cdw10 >> 15) & 1
+    cdef uint64_t numd = ((<uint64_t>(cmd.cdw11 & 0xFFFF) << 16) | (cmd.cdw10 >> 16)) + 1
+    cdef uint64_t length = numd * 4
+    cdef uint64_t off = cmd.cdw12 | (<uint64_t>cmd.cdw13 << 32)
+    cdef uint32_t size, i
+    cdef uint8_t *b = c.abuf
+    if off & 3:
+        return MST_INVALID_FIELD | MST_DNR
+    if lid == 0x01:
+        size = MDL_ERRLOG_ENTRIES * 64
+        for i in range(<uint32_t>MDL_ERRLOG_ENTRIES):
+            memcpy(b + 64 * i, &c.errlog[64 * ((c.errlog_head + i) % MDL_ERRLOG_ENTRIES)], 64)
+    elif lid == 0x02:
+        if x.cmd.nsid != 0 and x.cmd.nsid != MDL_NSID_ALL and not mdl_nsid_ok(c, x.cmd.nsid):
+            return MST_INVALID_NS | MST_DNR
+        size = mdl_smart_log(c, b)
+    elif lid == 0x03:
+        size = 512
+        memset(b, 0, 512)
+        b[0] = 1                                # AFI: slot 1 active
+        memcpy(b + 8, b"1.0     ", 8)
+    else:
+        return MST_LOG_INVALID | MST_DNR
+    if off >= size:
+        return MST_INVALID_FIELD | MST_DNR
+    if length > size - off:
+        length = size - off
+    cdef int st = mdl_admin_to_host(c, x, b + off, length)
+    if st == 0 and lid == 0x01 and not rae:
+        c.aen_error_masked = 0
+    return st
+
+
+# --- features -------------------------------------------------------------------------
+
+cdef bint mdl_io_queues_exist(mdl_ctrl *c) noexcept nogil:
+    cdef uint32_t q
+    for q in range(1, c.nq + 1):
+        if c.sq[q].valid or c.cq[q].valid:
+            return True
+    return False
+
+
+cdef int mdl_set_features(mdl_ctrl *c, mdl_cmdctx *x) noexcept nogil:
+    cdef uint32_t fid = x.cmd.cdw10 & 0xFF, dw11 = x.cmd.cdw11
+    if x.cmd.cdw10 >> 31:
+        return MST_NOT_SAVEABLE | MST_DNR
+    if fid == FID_NUM_QUEUES:
+        if (dw11 & 0xFFFF) == 0xFFFF or (dw11 >> 16) == 0xFFFF:
+            return MST_INVALID_FIELD | MST_DNR
+        if mdl_io_queues_exist(c):
+            return MST_CMD_SEQ
+        x.dw0 = (c.nq - 1) | ((c.nq - 1) << 16)
+    elif fid == FID_VWC:
+        if not c.vwc:
+            return MST_INVALID_FIELD | MST_DNR
+        c.wce = dw11 & 1
+        if not c.wce:
+            mdl_store_flush(&c.store)
+    elif fid == FID_IRQ_COALESCING:
+        c.coalescing = dw11 & 0xFFFF
+    elif fid == FID_ASYNC_EVENT:
+        c.aec = dw11
+    else:
+        return MST_INVALID_FIELD | MST_DNR
+    return 0
+
+
+cdef int mdl_get_features(mdl_ctrl *c, mdl_cmdctx *x) noexcept nogil:
+    cdef uint32_t fid = x.cmd.cdw10 & 0xFF, sel = (x.cmd.cdw10 >> 8) & 7
+    if sel > 3:
+        return MST_INVALID_FIELD | MST_DNR
+    if fid != FID_NUM_QUEUES and fid != FID_VWC and fid != FID_IRQ_COALESCING and fid != FID_ASYNC_EVENT:
+        return MST_INVALID_FIELD | MST_DNR
+    if sel == 3:
+        x.dw0 = 0x4                             # changeable, not saveable, not per namespace
+        return 0
+    if fid == FID_NUM_QUEUES:
+        x.dw0 = (c.nq - 1) | ((c.nq - 1) << 16)
+    elif fid == FID_VWC:
+        if not c.vwc:
+            return MST_INVALID_FIELD | MST_DNR
+        x.dw0 = c.wce if sel == 0 else 1        # default and saved value: enabled
+    elif fid == FID_IRQ_COALESCING:
+        x.dw0 = 0 if sel else c.coalescing
+    else:
+        x.dw0 = 0 if sel else c.aec
+    return 0
+
+
+# --- abort, events, shadow doorbells, format -------------------------------------------
+
+cdef int mdl_abort(mdl_ctrl *c, mdl_cmdctx *x) noexcept nogil:
+    cdef uint16_t sqid = x.cmd.cdw10 & 0xFFFF, cid = x.cmd.cdw10 >> 16
+    cdef int i = mdl_held_find(c, sqid, cid)
+    cdef mdl_held *h
+    x.dw0 = 1                                   # bit 0 set: not aborted
+    if i < 0:
+        return 0
+    h = &c.held[i]
+    if h.kind == HELD_POST or (h.kind == HELD_AER and h.release_ns):
+        return 0                                # already completed, waiting for CQ room
+    if h.kind == HELD_AER:
+        c.aers -= 1
+    h.st = MST_ABORT_REQ
+    h.dw0 = 0
+    h.release_ns = 1
+    c.aborted += 1
+    x.dw0 = 0
+    return 0
+
+
+cdef int mdl_aer(mdl_ctrl *c, mdl_cmdctx *x) noexcept nogil:
+    if c.aers > MDL_AERL:
+        return MST_AER_LIMIT                    # no DNR, as QEMU
+    if mdl_held_add(c, HELD_AER, x.sqid, x.cmd.cid, x.cmd.opc, 0, 0, 0, 0, 0) < 0:
+        return MST_INTERNAL
+    c.aers += 1
+    mdl_aen_dispatch(c)
+    return MST_HELD
+
+
+cdef int mdl_dbbuf_config(mdl_ctrl *c, mdl_cmdctx *x) noexcept nogil:
+    cdef uint64_t dbs = x.cmd.dptr[0], eis = x.cmd.dptr[1]
+    cdef uint64_t length = (2 * (<uint64_t>c.nq + 1)) * c.stride
+    cdef uint32_t q
+    if length < MDL_PAGE:
+        length = MDL_PAGE
+    if dbs == 0 or eis == 0 or (dbs & MDL_PAGE_MASK) or (eis & MDL_PAGE_MASK):
+        return MST_INVALID_FIELD | MST_DNR
+    c.dbs = mdl_tr(c.arena, dbs, length)
+    c.eis = mdl_tr(c.arena, eis, length)
+    if c.dbs == NULL or c.eis == NULL:
+        c.dbs = NULL
+        c.eis = NULL
+        return MST_DATA_XFER
+    c.dbs_len = length
+    # seed the shadow with the current values, as QEMU does, so the host's
+    # next shadow write continues from what the controller has seen
+    for q in range(1, c.nq + 1):
+        if c.sq[q].valid:
+            mdl_shadow_store(c, q, 0, c.sq[q].tail)
+            mdl_eventidx_store(c, q, 0, c.sq[q].tail)
+            c.sq[q].sh_last = c.sq[q].tail
+        if c.cq[q].valid:
+            mdl_shadow_store(c, q, 1, c.cq[q].head)
+            mdl_eventidx_store(c, q, 1, c.cq[q].head)
+            c.cq[q].sh_last = c.cq[q].head
+    c.dbbuf = 1
+    return 0
+
+
+cdef int mdl_format(mdl_ctrl *c, mdl_cmdctx *x) noexcept nogil:
+    cdef uint32_t nsid = x.cmd.nsid, dw10 = x.cmd.cdw10
+    cdef uint32_t lbaf = dw10 & 0xF, mset = (dw10 >> 4) & 1, pi = (dw10 >> 5) & 7
+    cdef uint32_t ses = (dw10 >> 9) & 7, i, first, last
+    if nsid == MDL_NSID_ALL:
+        first = 0
+        last = c.store.nns
+    elif mdl_nsid_ok(c, nsid):
+        first = nsid - 1
+        last = nsid
+    else:
+        return MST_INVALID_NS | MST_DNR
+    if lbaf > 1:
+        return MST_FORMAT_INVALID | MST_DNR
+    if mset or pi:
+        return MST_FORMAT_INVALID | MST_DNR     # no metadata, no protection information
+    if ses > 1:
+        return MST_INVALID_FIELD | MST_DNR      # no cryptographic erase
+    for i in range(first, last):
+        if ses == 1 and mdl_store_zero(&c.store, &c.store.ns[i], 0, c.store.ns[i].size, True) < 0:
+            return MST_INTERNAL
+        if mdl_store_set_format(&c.store, i, lbaf) < 0:
+            return MST_INTERNAL
+    return 0
+
+
+cdef int mdl_admin_exec(mdl_ctrl *c, mdl_cmdctx *x) noexcept nogil:
+    cdef uint8_t opc = x.cmd.opc
+    if not (opc == ADM_DELETE_SQ or opc == ADM_CREATE_SQ or opc == ADM_GET_LOG
+            or opc == ADM_DELETE_CQ or opc == ADM_CREATE_CQ or opc == ADM_IDENTIFY
+            or opc == ADM_ABORT or opc == ADM_SET_FEATURES or opc == ADM_GET_FEATURES
+            or opc == ADM_AER or opc == ADM_DBBUF or opc == ADM_FORMAT):
+        return MST_INVALID_OPCODE | MST_DNR
+    # admin data pointers are PRPs (QEMU refuses SGLs here too); no fused ops
+    if (x.cmd.flags >> 6) & 3 or x.cmd.flags & 3:
+        return MST_INVALID_FIELD | MST_DNR
+    if opc == ADM_IDENTIFY:
+        return mdl_identify(c, x)
+    if opc == ADM_GET_LOG:
+        return mdl_get_log(c, x)
+    if opc == ADM_CREATE_CQ:
+        return mdl_create_cq(c, x)
+    if opc == ADM_CREATE_SQ:
+        return mdl_create_sq(c, x)
+    if opc == ADM_DELETE_SQ:
+        return mdl_delete_sq(c, x)
+    if opc == ADM_DELETE_CQ:
+        return mdl_delete_cq(c, x)
+    if opc == ADM_SET_FEATURES:
+        return mdl_set_features(c, x)
+    if opc == ADM_GET_FEATURES:
+        return mdl_get_features(c, x)
+    if opc == ADM_ABORT:
+        return mdl_abort(c, x)
+    if opc == ADM_AER:
+        return mdl_aer(c, x)
+    if opc == ADM_DBBUF:
+        return mdl_dbbuf_config(c, x)
+    return mdl_format(c, x)
