@@ -99,6 +99,7 @@ class Controller:
         self.closed = False
         self.id_ctrl = {}
         self._idbuf = None
+        self.errors_by_status = {}
 
     # -- registers ---------------------------------------------------------------
 
@@ -201,8 +202,10 @@ class Controller:
         if slot.error is not None:
             raise slot.error
         if slot.status:
-            raise error_from_status(slot.status, opcode=opcode, cid=slot.cid, qid=q.qid,
+            exc = error_from_status(slot.status, opcode=opcode, cid=slot.cid, qid=q.qid,
                                     nsid=nsid or None, lba=lba)
+            self.errors_by_status[exc.name] = self.errors_by_status.get(exc.name, 0) + 1
+            raise exc
         return slot.dw0, slot.dw1
 
     async def admin(self, opcode, **cmd):
@@ -287,7 +290,8 @@ class Controller:
             for q in old:
                 q.fail_all(exc)
             for q in old:
-                await q.finished.wait()
+                if q.cancel_scope is not None:
+                    await q.finished.wait()
                 q.close()
             try:
                 await self._bring_up()
@@ -304,7 +308,9 @@ class Controller:
             return
         t = self.transport
         try:
-            if not self.fatal():
+            if self.generation == 0:
+                return                      # bring-up never finished: nothing to shut down
+            if not self.fatal() and self.ready.is_set():
                 for ns in self.namespaces.values():
                     try:
                         await ns.flush()
@@ -330,11 +336,13 @@ class Controller:
                     q.fail_all(ControllerError("controller shut down"))
             for q in [self.admin_q] + self.io_qs:
                 if q is not None:
-                    await q.finished.wait()
+                    if q.cancel_scope is not None:
+                        await q.finished.wait()
                     q.close()
 
     def stats(self):
         return {"transport": self.transport.name, "resets": self.resets,
+                "errors_by_status": dict(self.errors_by_status),
                 "queues": [q.stats() for q in [self.admin_q] + self.io_qs]}
 
     async def _health(self):
@@ -352,7 +360,19 @@ class Controller:
 
 @asynccontextmanager
 async def open_controller(transport, **options):
-    """Bring a controller up; shut it down cleanly on exit."""
+    """Bring a controller up; shut it down cleanly on exit.  Errors come out
+    as themselves, not wrapped in the nursery's exception group."""
+    try:
+        async with _controller_nursery(transport, **options) as ctrl:
+            yield ctrl
+    except BaseExceptionGroup as group:
+        if len(group.exceptions) == 1:
+            raise group.exceptions[0] from None
+        raise
+
+
+@asynccontextmanager
+async def _controller_nursery(transport, **options):
     async with trio.open_nursery() as nursery:
         ctrl = Controller(transport, nursery, **options)
         try:

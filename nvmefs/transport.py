@@ -7,6 +7,8 @@ vector, and attaching a queue pair (doorbell wake-ups).  The in-process
 model and VFIO (step 4) are two implementations; nothing above this file
 knows which one it talks to.
 """
+import errno
+import fcntl
 import os
 
 from nvmefs import _core
@@ -49,17 +51,36 @@ class ModelTransport(Transport):
     """The built-in software controller (``_core.ControllerModel``) on a
     sparse image file, or in memory when ``image`` is None."""
 
-    def __init__(self, image=None, *, namespaces=((1 << 30, 512),), create=True,
+    def __init__(self, image=None, *, namespaces=None, create=True,
                  arena_size=1 << 30, max_io_queues=64, dstrd=0, **model_kw):
-        self.arena = _core.DmaArena(arena_size)
-        self.regs = _core.RegisterFile(0x1000 + 2 * (max_io_queues + 1) * (4 << dstrd))
-        self.model = _core.ControllerModel(self.arena, self.regs, namespaces=namespaces, image=image,
-                                           create=create, max_io_queues=max_io_queues, dstrd=dstrd,
-                                           **model_kw)
-        self._max_vectors = max_io_queues + 1
-        self.name = f"model:{image}" if image else "model:memory"
-        self._fds = {}
-        self.model.start()
+        self._lock_fd = None
+        if image is not None and os.path.exists(image):
+            # one controller per image: a second daemon (or a CLI command
+            # while mounted) must not run a second model on the same file
+            self._lock_fd = os.open(image, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(self._lock_fd)
+                raise OSError(errno.EBUSY, f"image is in use by another nvmefs process") from None
+        if namespaces is None and (image is None or create and not os.path.exists(image)):
+            namespaces = ((1 << 30, 512),)
+        if namespaces is not None:
+            model_kw["namespaces"] = namespaces
+        try:
+            self.arena = _core.DmaArena(arena_size)
+            self.regs = _core.RegisterFile(0x1000 + 2 * (max_io_queues + 1) * (4 << dstrd))
+            self.model = _core.ControllerModel(self.arena, self.regs, image=image,
+                                               create=create, max_io_queues=max_io_queues, dstrd=dstrd,
+                                               **model_kw)
+            self._max_vectors = max_io_queues + 1
+            self.name = f"model:{image}" if image else "model:memory"
+            self._fds = {}
+            self.model.start()
+        except BaseException:
+            if self._lock_fd is not None:
+                os.close(self._lock_fd)
+            raise
 
     def write32(self, off, value):
         self.regs.write32(off, value)
@@ -85,3 +106,6 @@ class ModelTransport(Transport):
 
     def close(self):
         self.model.stop()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
