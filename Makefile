@@ -1,5 +1,6 @@
 # Two entry points for a fresh machine (README.md):
-#   make run   -- install what is needed, build, and run the main job
+#   make run   -- install what is needed, build, and mount the default drive
+#                 (built-in controller on a sparse 1 GiB image) on ./mnt
 #   make test  -- install what is needed, build, and run the test suite
 # Everything below is idempotent and fast when already done.
 
@@ -9,6 +10,8 @@ PYTHON  ?= python3
 SYSPKGS := fuse3 libfuse3-dev pkg-config fio e2fsprogs util-linux
 SUDO    := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PYTEST_ARGS ?=
+MNT     ?= $(CURDIR)/mnt
+MOUNT_ARGS ?=
 
 .PHONY: run test sysdeps venv build debug test-debug bench clean
 
@@ -36,7 +39,8 @@ debug: venv
 	NVMEFS_DEBUG=1 $(PY) setup.py -q build_ext --inplace --force
 
 run: build
-	$(VENV)/bin/nvmefs selfcheck
+	mkdir -p $(MNT)
+	$(VENV)/bin/nvmefs mount $(MNT) $(MOUNT_ARGS)
 
 test: build
 	$(PY) -m pytest $(PYTEST_ARGS)
@@ -45,8 +49,14 @@ test-debug: debug
 	$(PY) -m pytest $(PYTEST_ARGS)
 	$(PY) setup.py -q build_ext --inplace --force
 
+# the fio matrix compares against qemu-storage-daemon (Debian qemu-system-common)
 bench: build
-	$(PY) bench/core_bench.py
+	@dpkg -s qemu-system-common >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq qemu-system-common; }
+	$(PY) -m pip install -q -e '.[bench]'
+	mkdir -p bench/results
+	$(PY) bench/core_bench.py --json bench/results/core_bench.json
+	$(PY) bench/fio_bench.py --out bench/results
 
 clean:
 	rm -rf build $(VENV) nvmefs/*.so _core/*.c _core/*.html

@@ -1,8 +1,221 @@
-"""The ``nvmefs`` command."""
+"""The ``nvmefs`` command: subcommands shaped like nvme-cli where they overlap."""
 import argparse
+import json
+import logging
+import os
 import sys
 
 from nvmefs import __version__
+
+SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def parse_size(text):
+    t = text.strip().lower().removesuffix("ib").removesuffix("b")
+    unit = t[-1:] if t[-1:] in SIZE_UNITS and not t[-1:].isdigit() else ""
+    num = t[:-1] if unit else t
+    try:
+        value = int(float(num) * SIZE_UNITS[unit])
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid size {text!r} (examples: 1G, 512M, 1073741824)") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"size must be positive, not {text!r}")
+    return value
+
+
+def positive(text):
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
+    return v
+
+
+def emit(args, data, table):
+    if getattr(args, "output", "normal") == "json":
+        print(json.dumps(data, indent=2))
+    else:
+        print(table(data))
+
+
+def kv_table(d):
+    w = max((len(k) for k in d), default=0)
+    return "\n".join(f"{k:<{w}} : {v}" for k, v in d.items())
+
+
+# -- commands that talk to a controller -------------------------------------------------
+
+def with_controller(args, fn):
+    """Open the image's controller, run ``fn(ctrl)`` (async), shut down."""
+    import trio
+
+    from nvmefs.controller import open_controller
+    from nvmefs.mount import UsageError, check_image, default_image
+    from nvmefs.transport import ModelTransport
+
+    image = args.image or default_image()
+    check_image(image, 0, 512, create=False)
+    try:
+        t = ModelTransport(image, create=False)
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"cannot open image {image}: {exc}") from None
+
+    async def main():
+        async with open_controller(t, io_queues=1) as ctrl:
+            return await fn(ctrl)
+    try:
+        return trio.run(main)
+    finally:
+        t.close()
+
+
+def cmd_id_ctrl(args):
+    async def fn(c):
+        return c.id_ctrl
+    d = with_controller(args, fn)
+    emit(args, d, lambda d: kv_table({k: (hex(v) if isinstance(v, int) and k in ("vid", "ssvid", "ver", "oacs",
+                                                                                  "oncs", "sgls") else v)
+                                      for k, v in d.items()}))
+    return 0
+
+
+def cmd_id_ns(args):
+    async def fn(c):
+        if args.namespace_id not in c.namespaces:
+            raise LookupError(f"namespace {args.namespace_id} does not exist (have {sorted(c.namespaces)})")
+        return c.namespaces[args.namespace_id].info
+    d = with_controller(args, fn)
+    emit(args, d, lambda d: kv_table({**{k: v for k, v in d.items() if k != "lbafs"},
+                                      **{f"lbaf {i}": f"ms:{f['ms']} lbads:{f['lbads']} rp:{f['rp']}"
+                                         + (" (in use)" if i == d["format"] else "")
+                                         for i, f in enumerate(d["lbafs"])}}))
+    return 0
+
+
+def cmd_list(args):
+    async def fn(c):
+        return [{"name": f"nvme0n{n}", "nsid": n, "lba_size": ns.lba_size, "lbas": ns.nlbas,
+                 "size": ns.size, "model": c.id_ctrl["mn"], "serial": c.id_ctrl["sn"]}
+                for n, ns in sorted(c.namespaces.items())]
+    rows = with_controller(args, fn)
+
+    def table(rows):
+        out = [f"{'Node':<10} {'SN':<16} {'Model':<28} {'Namespace':>9} {'Size':>12} {'Format':>8}"]
+        for r in rows:
+            out.append(f"{r['name']:<10} {r['serial']:<16} {r['model'][:28]:<28} {r['nsid']:>9} "
+                       f"{human(r['size']):>12} {r['lba_size']:>6} B")
+        return "\n".join(out)
+    emit(args, rows, table)
+    return 0
+
+
+def human(n):
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+
+
+def cmd_smart_log(args):
+    from nvmefs.logpages import parse_smart
+
+    async def fn(c):
+        return parse_smart(await c.get_log_page(0x02, 512))
+    emit(args, with_controller(args, fn), kv_table)
+    return 0
+
+
+def cmd_error_log(args):
+    from nvmefs.logpages import parse_error_log
+
+    async def fn(c):
+        n = (c.id_ctrl["elpe"] + 1)
+        return parse_error_log(await c.get_log_page(0x01, 64 * n))
+
+    def table(rows):
+        if not rows:
+            return "no error log entries"
+        out = [f"{'count':>6} {'sqid':>5} {'cid':>6} {'status':<28} {'lba':>12} {'nsid':>5}"]
+        for r in rows:
+            out.append(f"{r['error_count']:>6} {r['sqid']:>5} {r['cid']:>6} {r['status_name']:<28} "
+                       f"{r['lba']:>12} {r['nsid']:>5}")
+        return "\n".join(out)
+    emit(args, with_controller(args, fn), table)
+    return 0
+
+
+FEATURES = {"arbitration": 0x01, "power-management": 0x02, "temperature-threshold": 0x04,
+            "volatile-write-cache": 0x06, "number-of-queues": 0x07, "interrupt-coalescing": 0x08,
+            "async-event-configuration": 0x0B}
+
+
+def cmd_get_feature(args):
+    fid = FEATURES.get(args.feature_id)
+    if fid is None:
+        try:
+            fid = int(args.feature_id, 0)
+        except ValueError:
+            raise ValueError(f"unknown feature {args.feature_id!r} (names: {', '.join(FEATURES)})") from None
+
+    async def fn(c):
+        return {"feature": fid, "value": await c.get_features(fid)}
+    emit(args, with_controller(args, fn), lambda d: f"get-feature:0x{d['feature']:02x}, "
+                                                    f"Current value:0x{d['value']:08x}")
+    return 0
+
+
+def cmd_format(args):
+    lbaf = {512: 0, 4096: 1}[args.lba_size]
+
+    async def fn(c):
+        from nvmefs.controller import ADM_FORMAT
+        import trio
+        print(f"formatting namespace {args.namespace_id} to {args.lba_size}-byte LBAs"
+              f"{' with user data erase' if args.erase else ''} ...", flush=True)
+        with trio.fail_after(600):
+            await c.admin(ADM_FORMAT, nsid=args.namespace_id, cdw10=lbaf | ((1 if args.erase else 0) << 9),
+                          timeout=600)
+        return {"namespace": args.namespace_id, "lba_size": args.lba_size, "erased": args.erase}
+    emit(args, with_controller(args, fn), lambda d: "format complete")
+    return 0
+
+
+def cmd_create_image(args):
+    from nvmefs import _core
+    from nvmefs.mount import UsageError
+    if os.path.exists(args.image):
+        raise UsageError(f"{args.image} already exists")
+    if args.size % args.lba_size:
+        raise UsageError(f"size {args.size} is not a multiple of the LBA size {args.lba_size}")
+    per = args.size // args.namespaces // args.lba_size * args.lba_size
+    _core.create_image(args.image, tuple((per, args.lba_size) for _ in range(args.namespaces)))
+    print(f"created {args.image}: {args.namespaces} namespace(s) of {human(per)}, "
+          f"{args.lba_size}-byte LBAs (sparse)")
+    return 0
+
+
+def cmd_stats(args):
+    try:
+        raw = os.getxattr(args.mountpoint, "user.nvmefs.stats")
+    except OSError as exc:
+        from nvmefs.mount import UsageError
+        raise UsageError(f"{args.mountpoint} is not a running nvmefs mount ({exc.strerror})") from None
+    d = json.loads(raw)
+
+    def table(d):
+        cols = ("qid", "submitted", "completed", "in_flight", "sq_full_waits", "busy_waits", "prp", "sgl",
+                "errors", "interrupts")
+        out = [f"controller {d['transport']}   resets {d['resets']}   fuse errors {d['fuse_errors']}",
+               " ".join(f"{c:>13}" for c in cols)]
+        for q in d["queues"]:
+            out.append(" ".join(f"{q.get(c, 0):>13}" for c in cols))
+        if d["errors_by_status"]:
+            out.append("errors by status: " + ", ".join(f"{k} {v}" for k, v in d["errors_by_status"].items()))
+        return "\n".join(out)
+    emit(args, d, table)
+    return 0
 
 
 def cmd_selfcheck(args):
@@ -35,22 +248,114 @@ def cmd_selfcheck(args):
     return 0 if ok else 1
 
 
+def cmd_mount(args):
+    from nvmefs.mount import run_mount
+    return run_mount(args)
+
+
+class Parser(argparse.ArgumentParser):
+    """Malformed arguments get one line on stderr (not the whole usage) and exit 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
+def unwrap(exc):
+    """The single real error inside trio's exception groups."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc
+
+
 def build_parser():
-    ap = argparse.ArgumentParser(
+    ap = Parser(
         prog="nvmefs",
-        description="A userspace NVMe driver that exposes each namespace as a file through FUSE.")
+        description="A userspace NVMe driver that exposes each namespace as a file through FUSE. "
+                    "Without --image, commands use the default image "
+                    "(~/.local/share/nvmefs/nvme0.img), created by the first mount.")
     ap.add_argument("--version", action="version", version=f"nvmefs {__version__}")
+    ap.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
     sub = ap.add_subparsers(dest="command", metavar="COMMAND")
+
+    def image_opt(p):
+        p.add_argument("--image", metavar="PATH", help="controller image (default: the default image)")
+        p.add_argument("-o", "--output-format", dest="output", choices=("normal", "json"), default="normal",
+                       help="output format")
+        p.add_argument("--json", dest="output", action="store_const", const="json", help="same as -o json")
+
+    p = sub.add_parser("mount", help="serve every namespace as a file under MOUNTPOINT",
+                       description="Mount the controller's namespaces as files nvme0n1, nvme0n2, ... "
+                                   "Runs in the foreground until unmounted or interrupted.")
+    p.add_argument("mountpoint", metavar="MOUNTPOINT", help="an existing empty directory")
+    p.add_argument("--image", metavar="PATH", help="sparse image file (created if missing; "
+                                                   "default ~/.local/share/nvmefs/nvme0.img)")
+    p.add_argument("--size", type=parse_size, default=1 << 30, help="size of a new image (default 1G)")
+    p.add_argument("--lba-size", type=int, choices=(512, 4096), default=512, help="LBA size of a new image")
+    p.add_argument("--namespaces", type=positive, default=1, metavar="N", help="namespaces in a new image")
+    p.add_argument("--queues", type=positive, default=None, metavar="N",
+                   help="I/O queue pairs (default: one per usable CPU)")
+    p.add_argument("--queue-depth", type=positive, default=255, metavar="N", help="commands per queue")
+    p.add_argument("--sgl", choices=("on", "off", "bitbucket"), default="bitbucket",
+                   help="controller SGL support (default bitbucket)")
+    p.add_argument("--write-cache", choices=("on", "off"), default="on", help="volatile write cache")
+    p.add_argument("--mdts", type=int, default=9, help="controller MDTS exponent (default 9: 2 MiB)")
+    p.add_argument("--polled", action="store_true", help="poll for completions instead of interrupts")
+    p.add_argument("--page-cache", action="store_true",
+                   help="let the kernel page cache serve reads (default: direct I/O)")
+    p.add_argument("-b", "--background", action="store_true", help="run in the background once mounted")
+    p.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
+    p.set_defaults(func=cmd_mount)
+
+    p = sub.add_parser("id-ctrl", help="Identify Controller")
+    image_opt(p)
+    p.set_defaults(func=cmd_id_ctrl)
+    p = sub.add_parser("id-ns", help="Identify Namespace")
+    image_opt(p)
+    p.add_argument("-n", "--namespace-id", type=positive, default=1)
+    p.set_defaults(func=cmd_id_ns)
+    p = sub.add_parser("list", help="list namespaces")
+    image_opt(p)
+    p.set_defaults(func=cmd_list)
+    p = sub.add_parser("smart-log", help="SMART / Health log")
+    image_opt(p)
+    p.set_defaults(func=cmd_smart_log)
+    p = sub.add_parser("error-log", help="Error Information log")
+    image_opt(p)
+    p.set_defaults(func=cmd_error_log)
+    p = sub.add_parser("get-feature", help="Get Features")
+    image_opt(p)
+    p.add_argument("-f", "--feature-id", required=True, help=f"number or name ({', '.join(FEATURES)})")
+    p.set_defaults(func=cmd_get_feature)
+    p = sub.add_parser("format", help="Format NVM (change LBA size, optionally erase)")
+    image_opt(p)
+    p.add_argument("-n", "--namespace-id", type=positive, default=1)
+    p.add_argument("--lba-size", type=int, choices=(512, 4096), required=True)
+    p.add_argument("--erase", action="store_true", help="user data erase (all zeroes)")
+    p.set_defaults(func=cmd_format)
+    p = sub.add_parser("create-image", help="create a sparse controller image")
+    p.add_argument("image", metavar="PATH")
+    p.add_argument("--size", type=parse_size, default=1 << 30)
+    p.add_argument("--lba-size", type=int, choices=(512, 4096), default=512)
+    p.add_argument("--namespaces", type=positive, default=1)
+    p.set_defaults(func=cmd_create_image)
+    p = sub.add_parser("stats", help="live per-queue counters of a running mount")
+    p.add_argument("mountpoint", metavar="MOUNTPOINT")
+    p.add_argument("-o", "--output-format", dest="output", choices=("normal", "json"), default="normal")
+    p.add_argument("--json", dest="output", action="store_const", const="json")
+    p.set_defaults(func=cmd_stats)
     p = sub.add_parser("selfcheck", help="exercise the driver core and report")
-    p.add_argument("--commands", type=int, default=200_000, metavar="N",
+    p.add_argument("--commands", type=positive, default=200_000, metavar="N",
                    help="commands to round-trip through a queue pair (default 200000)")
     p.set_defaults(func=cmd_selfcheck)
     return ap
 
 
 def main(argv=None):
+    from nvmefs.mount import UsageError
     ap = build_parser()
     args = ap.parse_args(argv)
+    logging.basicConfig(level=(logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose, 2)],
+                        format="nvmefs: %(levelname)s: %(message)s")
     if not getattr(args, "func", None):
         ap.print_help()
         return 2
@@ -59,8 +364,13 @@ def main(argv=None):
     except KeyboardInterrupt:
         return 130
     except Exception as exc:  # one clear line, never a traceback, for operator errors
+        exc = unwrap(exc)
+        if isinstance(exc, KeyboardInterrupt):
+            return 130
+        if isinstance(exc, BaseExceptionGroup):
+            exc = "; ".join(str(unwrap(e)) for e in exc.exceptions)
         print(f"nvmefs: error: {exc}", file=sys.stderr)
-        return 1
+        return 2 if isinstance(exc, UsageError) else 1
 
 
 if __name__ == "__main__":

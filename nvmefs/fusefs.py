@@ -1,0 +1,256 @@
+"""The pyfuse3 frontend: one regular file per namespace (nvme0n1, ...).
+
+Byte-granular reads and writes map onto LBAs: aligned parts go straight to
+NVMe commands (split by MDTS and issued concurrently by the namespace API),
+unaligned heads and tails are read-modify-written.  Every write holds an
+exclusive lock on the LBA range it touches (RangeLock), so a read-modify-
+write can never put back stale bytes over a concurrent writer's data.
+"""
+import errno
+import logging
+import os
+import stat
+import time
+
+import pyfuse3
+import trio
+
+from nvmefs.errors import ControllerError, NvmeError
+
+log = logging.getLogger("nvmefs.fuse")
+
+ROOT = pyfuse3.ROOT_INODE
+
+
+class RangeLock:
+    """Exclusive locks on half-open LBA ranges; waiters park until no held
+    range overlaps theirs.  O(held ranges) per operation, which is the
+    number of writes in flight."""
+
+    def __init__(self):
+        self.held = []
+        self.lot = trio.lowlevel.ParkingLot()
+
+    def _free(self, a, b):
+        return all(b <= x or y <= a for x, y in self.held)
+
+    async def acquire(self, a, b):
+        while not self._free(a, b):
+            await self.lot.park()
+        self.held.append((a, b))
+
+    def release(self, a, b):
+        self.held.remove((a, b))
+        self.lot.unpark_all()
+
+
+class NvmeFS(pyfuse3.Operations):
+    def __init__(self, ctrl, *, direct_io=True, ctrl_index=0):
+        super().__init__()
+        self.ctrl = ctrl
+        self.direct_io = direct_io
+        self.prefix = f"nvme{ctrl_index}n"
+        self.locks = {}
+        self.mtime = {}
+        self.started = time.time_ns()
+        self.errors = 0
+
+    # -- names and attributes --------------------------------------------------
+
+    def _ns(self, inode):
+        ns = self.ctrl.namespaces.get(inode - 1)
+        if ns is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return ns
+
+    def _name(self, nsid):
+        return f"{self.prefix}{nsid}".encode()
+
+    async def getattr(self, inode, ctx=None):
+        e = pyfuse3.EntryAttributes()
+        e.st_ino = inode
+        e.st_uid = os.getuid()
+        e.st_gid = os.getgid()
+        e.entry_timeout = 300
+        e.attr_timeout = 300
+        if inode == ROOT:
+            e.st_mode = stat.S_IFDIR | 0o755
+            e.st_nlink = 2
+            e.st_size = 0
+            e.st_blksize = 4096
+            t = self.started
+        else:
+            ns = self._ns(inode)
+            e.st_mode = stat.S_IFREG | 0o644
+            e.st_nlink = 1
+            e.st_size = ns.size
+            e.st_blksize = ns.lba_size
+            e.st_blocks = ns.size // 512
+            t = self.mtime.get(inode, self.started)
+        e.st_atime_ns = e.st_mtime_ns = e.st_ctime_ns = t
+        return e
+
+    async def lookup(self, parent_inode, name, ctx=None):
+        if parent_inode != ROOT:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        if name == b".":
+            return await self.getattr(ROOT)
+        for nsid in self.ctrl.namespaces:
+            if name == self._name(nsid):
+                return await self.getattr(nsid + 1)
+        raise pyfuse3.FUSEError(errno.ENOENT)
+
+    async def opendir(self, inode, ctx):
+        if inode != ROOT:
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        return ROOT
+
+    async def readdir(self, fh, start_id, token):
+        for nsid in sorted(self.ctrl.namespaces):
+            if nsid <= start_id:
+                continue
+            if not pyfuse3.readdir_reply(token, self._name(nsid), await self.getattr(nsid + 1), nsid):
+                break
+
+    async def statfs(self, ctx):
+        s = pyfuse3.StatvfsData()
+        total = sum(ns.size for ns in self.ctrl.namespaces.values())
+        s.f_bsize = s.f_frsize = 4096
+        s.f_blocks = total // 4096
+        s.f_bfree = s.f_bavail = 0          # fixed-size files: nothing to allocate
+        s.f_files = len(self.ctrl.namespaces) + 1
+        s.f_ffree = s.f_favail = 0
+        s.f_namemax = 255
+        return s
+
+    async def setattr(self, inode, attr, fields, fh, ctx):
+        if inode != ROOT:
+            ns = self._ns(inode)
+            if fields.update_size and attr.st_size != ns.size:
+                log.warning("refusing to resize %s to %d bytes: a namespace has a fixed size of %d",
+                            self._name(ns.nsid).decode(), attr.st_size, ns.size)
+                raise pyfuse3.FUSEError(errno.EPERM if attr.st_size < ns.size else errno.EFBIG)
+            if fields.update_mode or fields.update_uid or fields.update_gid:
+                raise pyfuse3.FUSEError(errno.EPERM)
+            if fields.update_mtime:
+                self.mtime[inode] = attr.st_mtime_ns
+        return await self.getattr(inode)
+
+    # -- data ------------------------------------------------------------------
+
+    async def open(self, inode, flags, ctx):
+        self._ns(inode)
+        # O_DIRECT from the caller always bypasses the page cache; the mount
+        # option decides for everybody else
+        return pyfuse3.FileInfo(fh=inode, direct_io=self.direct_io or bool(flags & os.O_DIRECT),
+                                keep_cache=not self.direct_io)
+
+    def _io_error(self, ns, what, exc):
+        self.errors += 1
+        log.error("%s %s: %s", self._name(ns.nsid).decode(), what, exc)
+        return pyfuse3.FUSEError(errno.EIO)
+
+    async def read(self, fh, off, size):
+        ns = self._ns(fh)
+        if off >= ns.size or size == 0:
+            return b""
+        end = min(off + size, ns.size)
+        bs = ns.lba_size
+        first, last = off // bs, (end + bs - 1) // bs
+        try:
+            buf = await ns.read(first, last - first)
+        except (NvmeError, ControllerError) as exc:
+            raise self._io_error(ns, f"read at {off}+{size}", exc) from None
+        start = off - first * bs
+        return memoryview(buf)[start:start + (end - off)]
+
+    async def write(self, fh, off, buf):
+        ns = self._ns(fh)
+        n = len(buf)
+        if off + n > ns.size:
+            if off >= ns.size:
+                raise pyfuse3.FUSEError(errno.ENOSPC)
+            n = ns.size - off       # short write up to the end, as a block device does
+        if n == 0:
+            return 0
+        bs = ns.lba_size
+        first, last = off // bs, (off + n + bs - 1) // bs
+        lock = self.locks.setdefault(ns.nsid, RangeLock())
+        await lock.acquire(first, last)
+        try:
+            head = off - first * bs
+            if head == 0 and n % bs == 0:
+                await ns.write(first, memoryview(buf)[:n])
+            else:
+                # read-modify-write of the partial edge LBAs only
+                data = bytearray((last - first) * bs)
+                await ns.read(first, 1, memoryview(data)[:bs])
+                if last - first > 1 and (off + n) % bs:
+                    await ns.read(last - 1, 1, memoryview(data)[-bs:])
+                data[head:head + n] = memoryview(buf)[:n]
+                await ns.write(first, data)
+        except (NvmeError, ControllerError) as exc:
+            raise self._io_error(ns, f"write at {off}+{n}", exc) from None
+        finally:
+            lock.release(first, last)
+        self.mtime[fh] = time.time_ns()
+        return n
+
+    async def _flush(self, fh):
+        ns = self._ns(fh)
+        try:
+            await ns.flush()
+        except (NvmeError, ControllerError) as exc:
+            raise self._io_error(ns, "flush", exc) from None
+
+    async def fsync(self, fh, datasync):
+        await self._flush(fh)
+
+    async def flush(self, fh):
+        # close(): data written through this file reaches stable media
+        await self._flush(fh)
+
+    async def release(self, fh):
+        pass
+
+    # -- live statistics: `nvmefs stats MOUNTPOINT` reads this xattr ------------
+
+    STATS_XATTR = b"user.nvmefs.stats"
+
+    async def getxattr(self, inode, name, ctx):
+        if inode == ROOT and name == self.STATS_XATTR:
+            import json
+            st = self.ctrl.stats()
+            st["fuse_errors"] = self.errors
+            st["namespaces"] = {self._name(n).decode(): {"lba_size": ns.lba_size, "size": ns.size,
+                                                         "retried": ns.retried}
+                                for n, ns in self.ctrl.namespaces.items()}
+            return json.dumps(st).encode()
+        raise pyfuse3.FUSEError(errno.ENODATA)
+
+    INJECT_XATTR = b"user.nvmefs.inject"
+
+    async def setxattr(self, inode, name, value, ctx):
+        # Fault injection into the built-in model, for tests of the mount's
+        # error paths; only when the daemon was started with
+        # NVMEFS_FAULT_INJECTION=1, never in normal use.
+        if inode != ROOT or name != self.INJECT_XATTR or os.environ.get("NVMEFS_FAULT_INJECTION") != "1":
+            raise pyfuse3.FUSEError(errno.ENOTSUP)
+        import json
+        model = getattr(self.ctrl.transport, "model", None)
+        if model is None:
+            raise pyfuse3.FUSEError(errno.ENOTSUP)
+        try:
+            spec = json.loads(value)
+            if spec.pop("fatal", False):
+                model.set_fatal()
+            elif spec.pop("hang", None) is not None:
+                model.hang(bool(spec.get("hang")))
+            else:
+                model.inject(spec.pop("opcode"), **spec)
+        except (ValueError, KeyError, TypeError) as exc:
+            log.error("bad fault injection request %r: %s", value, exc)
+            raise pyfuse3.FUSEError(errno.EINVAL) from None
+
+    async def listxattr(self, inode, ctx):
+        return [self.STATS_XATTR] if inode == ROOT else []

@@ -1,0 +1,170 @@
+"""`nvmefs mount`: bring a controller up and serve its namespaces through FUSE.
+
+Everything that can be checked is checked before anything is created or
+mounted, so bad input exits with one line and leaves the image untouched.
+SIGINT, SIGTERM and `fusermount3 -u` all end the same way: unmount, NVMe
+Flush, controller shutdown, exit 0.  Further signals during that shutdown
+are ignored (logged), so the image is never left half-written.
+"""
+import errno
+import logging
+import os
+import shutil
+import signal
+import stat
+import sys
+
+import pyfuse3
+import trio
+
+
+log = logging.getLogger("nvmefs.mount")
+
+
+class UsageError(Exception):
+    """Bad input: printed as one line, exit status 2."""
+
+
+def default_image():
+    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
+    return os.path.join(base, "nvmefs", "nvme0.img")
+
+
+def check_mountpoint(path):
+    if not os.path.exists(path):
+        raise UsageError(f"mountpoint {path} does not exist")
+    if not os.path.isdir(path):
+        raise UsageError(f"mountpoint {path} is not a directory")
+    if os.path.ismount(path):
+        raise UsageError(f"mountpoint {path} is busy: something is already mounted there")
+    if os.listdir(path):
+        raise UsageError(f"mountpoint {path} is not empty")
+
+
+def check_fuse():
+    if not os.path.exists("/dev/fuse"):
+        raise UsageError("/dev/fuse is missing: load the fuse module (modprobe fuse)")
+    if not shutil.which("fusermount3"):
+        raise UsageError("fusermount3 not found: install the fuse3 package")
+    if not os.access("/dev/fuse", os.R_OK | os.W_OK):
+        raise UsageError("no permission on /dev/fuse: run as root or join the group that owns it")
+
+
+def check_image(path, size, lba_size, create):
+    """Returns True when the image must be created."""
+    if os.path.exists(path):
+        if not os.path.isfile(path):
+            raise UsageError(f"image {path} is not a regular file")
+        if not os.access(path, os.R_OK | os.W_OK):
+            raise UsageError(f"image {path} is not writable")
+        return False
+    if not create:
+        raise UsageError(f"image {path} does not exist")
+    if size % lba_size:
+        raise UsageError(f"size {size} is not a multiple of the LBA size {lba_size}")
+    if size < 1 << 20:
+        raise UsageError(f"size {size} is too small (at least 1 MiB)")
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        try:
+            os.makedirs(parent, exist_ok=True)
+        except OSError as exc:
+            raise UsageError(f"cannot create {parent}: {exc.strerror}") from None
+    if not os.access(parent, os.W_OK):
+        raise UsageError(f"cannot create image in {parent}: not writable")
+    return True
+
+
+async def serve(args, transport, ready_fd=None):
+    from nvmefs.controller import open_controller
+    from nvmefs.fusefs import NvmeFS
+
+    async with open_controller(transport, io_queues=args.queues, queue_entries=args.queue_depth + 1,
+                               polled=args.polled) as ctrl:
+        fs = NvmeFS(ctrl, direct_io=not args.page_cache)
+        options = set(pyfuse3.default_options)
+        options |= {"fsname=nvmefs", "subtype=nvmefs"}
+        if os.getuid() == 0:
+            options.add("allow_other")
+        pyfuse3.init(fs, args.mountpoint, options)
+        state = {"unmounted": False}
+        try:
+            names = [f"{args.mountpoint.rstrip('/')}/{fs._name(n).decode()}" for n in sorted(ctrl.namespaces)]
+            print(f"nvmefs: {transport.name} mounted on {args.mountpoint}: " + " ".join(names), flush=True)
+            if ready_fd is not None:
+                os.write(ready_fd, b"ok\n")
+                os.close(ready_fd)
+            async with trio.open_nursery() as nursery:
+                async def on_signal():
+                    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as sigs:
+                        async for sig in sigs:
+                            log.warning("signal %s: unmounting", signal.Signals(sig).name)
+                            nursery.cancel_scope.cancel()
+                            break
+
+                async def fuse_main():
+                    await pyfuse3.main(min_tasks=8, max_tasks=256)
+                    state["unmounted"] = True       # fusermount3 -u ended the session
+                    nursery.cancel_scope.cancel()
+
+                nursery.start_soon(on_signal)
+                nursery.start_soon(fuse_main)
+        finally:
+            # later signals during shutdown are logged and ignored
+            for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+                signal.signal(s, lambda n, f: log.warning("shutdown in progress; signal ignored"))
+            pyfuse3.close(unmount=not state["unmounted"])
+    print(f"nvmefs: {args.mountpoint} unmounted, controller shut down cleanly", flush=True)
+
+
+def run_mount(args):
+    from nvmefs.transport import ModelTransport
+
+    args.mountpoint = os.path.abspath(args.mountpoint)
+    check_mountpoint(args.mountpoint)
+    check_fuse()
+    image = args.image or default_image()
+    create = check_image(image, args.size, args.lba_size, create=True)
+    if args.background and not args.ready_fd:
+        return spawn_background(args)
+    if create:
+        from nvmefs import _core
+        per = args.size // args.namespaces // args.lba_size * args.lba_size
+        _core.create_image(image, tuple((per, args.lba_size) for _ in range(args.namespaces)))
+        print(f"nvmefs: created sparse image {image} ({args.namespaces} x {per} bytes, "
+              f"{args.lba_size}-byte LBAs)", flush=True)
+    try:
+        transport = ModelTransport(image, create=False, sgl=args.sgl, vwc=args.write_cache == "on",
+                                   max_io_queues=max(args.queues or 0, 64), mdts=args.mdts)
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"cannot open image {image}: {exc}") from None
+    try:
+        trio.run(serve, args, transport, args.ready_fd)
+    except Exception as exc:
+        from nvmefs.cli import unwrap
+        exc = unwrap(exc)
+        if isinstance(exc, RuntimeError):     # pyfuse3.init failures
+            print(f"nvmefs: error: cannot mount on {args.mountpoint}: {exc}", file=sys.stderr)
+            return 1
+        raise exc from None
+    finally:
+        transport.close()
+    return 0
+
+
+def spawn_background(args):
+    """Run the daemon as a child and return once it reports the mount ready."""
+    import subprocess
+    r, w = os.pipe()
+    argv = [sys.executable, "-m", "nvmefs"] + [a for a in sys.argv[1:] if a not in ("--background", "-b")]
+    argv += ["--ready-fd", str(w)]
+    child = subprocess.Popen(argv, pass_fds=(w,), stdin=subprocess.DEVNULL, start_new_session=True)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        msg = f.read(3)
+    if msg != b"ok\n":
+        child.wait()
+        return child.returncode or 1
+    print(f"nvmefs: running in the background as pid {child.pid}; stop it with "
+          f"'fusermount3 -u {args.mountpoint}' or 'kill {child.pid}'", flush=True)
+    return 0

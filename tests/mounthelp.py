@@ -1,0 +1,61 @@
+"""Helpers that run a real `nvmefs mount` daemon (pyfuse3 test/util.py habit:
+wait for the mount, fail if the daemon died, always unmount in finally)."""
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def nvmefs_cmd(*args):
+    return [sys.executable, "-m", "nvmefs", *args]
+
+
+def run_cli(*args, timeout=120, **kw):
+    return subprocess.run(nvmefs_cmd(*args), capture_output=True, text=True, timeout=timeout, cwd=ROOT, **kw)
+
+
+def wait_for_mount(proc, mnt, timeout=30):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if os.path.ismount(mnt):
+            return
+        if proc.poll() is not None:
+            out, err = proc.communicate()
+            raise AssertionError(f"nvmefs exited with {proc.returncode} before mounting:\n{out}\n{err}")
+        time.sleep(0.05)
+    raise AssertionError(f"{mnt} not mounted after {timeout} s")
+
+
+def stop(proc, mnt, how="fusermount", timeout=60):
+    """End the daemon; returns its exit status."""
+    if proc.poll() is None:
+        if how == "fusermount" and os.path.ismount(mnt):
+            subprocess.run(["fusermount3", "-u", mnt], check=True, timeout=30)
+        elif how in ("SIGINT", "SIGTERM"):
+            proc.send_signal(getattr(signal, how))
+        elif how == "kill":
+            proc.kill()
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    if os.path.ismount(mnt):
+        subprocess.run(["fusermount3", "-u", "-z", mnt], timeout=30)
+    return proc.returncode
+
+
+@contextlib.contextmanager
+def mounted(mnt, image, *extra, env=None):
+    os.makedirs(mnt, exist_ok=True)
+    proc = subprocess.Popen(nvmefs_cmd("mount", mnt, "--image", image, *extra), cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        wait_for_mount(proc, mnt)
+        yield proc
+    finally:
+        stop(proc, mnt)

@@ -1,0 +1,268 @@
+"""Real mounts: dd, fio, losetup + mkfs.ext4 + e2fsck, durability, faults,
+signals and bad input.  Root and /dev/fuse are prerequisites (a failure
+under CI, a skip elsewhere)."""
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+
+import pytest
+
+from conftest import require
+from mounthelp import mounted, nvmefs_cmd, run_cli, stop, wait_for_mount, ROOT
+
+MiB = 1 << 20
+
+
+@pytest.fixture(autouse=True)
+def prerequisites():
+    require(os.geteuid() == 0, "root")
+    require(os.path.exists("/dev/fuse"), "/dev/fuse")
+    require(shutil.which("fusermount3"), "fusermount3 (package fuse3)")
+
+
+@pytest.fixture
+def paths(tmp_path):
+    return str(tmp_path / "mnt"), str(tmp_path / "disk.img")
+
+
+def sh(*cmd, timeout=300):
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    assert r.returncode == 0, f"{' '.join(cmd)} failed ({r.returncode}):\n{r.stdout}\n{r.stderr}"
+    return r.stdout
+
+
+def test_files_sizes_and_dd_roundtrip(paths, tmp_path):
+    mnt, img = paths
+    with mounted(mnt, img, "--size", "64M", "--namespaces", "2"):
+        assert sorted(os.listdir(mnt)) == ["nvme0n1", "nvme0n2"]
+        dev = os.path.join(mnt, "nvme0n1")
+        st = os.stat(dev)
+        assert st.st_size == 32 * MiB and st.st_blksize == 512
+        src = tmp_path / "src"
+        src.write_bytes(os.urandom(8 * MiB + 1234))
+        for bs, flags in (("4k", []), ("64k", ["oflag=direct"]), ("1M", ["oflag=direct"]), ("1000", [])):
+            sh("dd", f"if={src}", f"of={dev}", f"bs={bs}", "conv=notrunc", *flags, "status=none")
+            out = tmp_path / "out"
+            iflag = ["iflag=direct"] if flags and bs != "1000" else []
+            sh("dd", f"if={dev}", f"of={out}", f"bs={bs}", f"count={8 * MiB + 1234}",
+               "iflag=count_bytes" + (",direct" if iflag else ""), "status=none")
+            assert out.read_bytes()[:8 * MiB + 1234] == src.read_bytes(), f"dd bs={bs} {flags}"
+        with open(dev, "r+b", buffering=0) as f:   # unaligned write in the middle of an LBA
+            f.seek(1000)
+            f.write(b"hello")
+            f.seek(997)
+            assert f.read(11) == src.read_bytes()[997:1000] + b"hello" + src.read_bytes()[1005:1008]
+            f.seek(32 * MiB - 2)
+            assert f.write(b"xyz") == 2, "a write over the end is cut at the end"
+            with pytest.raises(OSError):
+                f.truncate(16 * MiB)
+
+
+def test_fio_verify(paths):
+    require(shutil.which("fio"), "fio")
+    mnt, img = paths
+    with mounted(mnt, img, "--size", "256M"):
+        dev = os.path.join(mnt, "nvme0n1")
+        out = sh("fio", "--name=verify", f"--filename={dev}", "--ioengine=libaio", "--iodepth=16",
+                 "--direct=1", "--rw=randwrite", "--bsrange=512-64k", "--size=32M", "--numjobs=2",
+                 "--offset_increment=64M", "--verify=crc32c", "--verify_fatal=1", "--do_verify=1",
+                 "--verify_state_save=0", "--output-format=json", timeout=600)
+        res = json.loads(out[out.index("{"):])
+        for job in res["jobs"]:
+            assert job["error"] == 0
+            assert job["write"]["io_bytes"] > 0
+
+
+def tree_sums(root):
+    sums = {}
+    for d, _dirs, files in os.walk(root):
+        for f in files:
+            p = os.path.join(d, f)
+            with open(p, "rb") as fh:
+                sums[os.path.relpath(p, root)] = hashlib.sha256(fh.read()).hexdigest()
+    return sums
+
+
+def test_losetup_mkfs_ext4_fsck_and_reopen(paths, tmp_path):
+    require(shutil.which("losetup") and shutil.which("mkfs.ext4"), "losetup and mkfs.ext4")
+    mnt, img = paths
+    fsmnt = tmp_path / "ext4"
+    fsmnt.mkdir()
+    tree = os.path.join(ROOT, "nvmefs")
+    with mounted(mnt, img, "--size", "128M"):
+        loop = sh("losetup", "--find", "--show", "--direct-io=on", os.path.join(mnt, "nvme0n1")).strip()
+        try:
+            sh("mkfs.ext4", "-q", "-F", loop)
+            sh("mount", loop, str(fsmnt))
+            try:
+                shutil.copytree(tree, fsmnt / "tree", ignore=shutil.ignore_patterns("*.so"))
+                want = tree_sums(fsmnt / "tree")
+            finally:
+                sh("umount", str(fsmnt))
+            sh("e2fsck", "-fn", loop)
+        finally:
+            subprocess.run(["losetup", "-d", loop])
+    with mounted(mnt, img):
+        loop = sh("losetup", "--find", "--show", "-r", os.path.join(mnt, "nvme0n1")).strip()
+        try:
+            sh("mount", "-o", "ro", loop, str(fsmnt))
+            try:
+                assert tree_sums(fsmnt / "tree") == want
+            finally:
+                sh("umount", str(fsmnt))
+        finally:
+            subprocess.run(["losetup", "-d", loop])
+
+
+def test_fsync_survives_kill_9(paths):
+    mnt, img = paths
+    data = os.urandom(MiB)
+    os.makedirs(mnt)
+    proc = subprocess.Popen(nvmefs_cmd("mount", mnt, "--image", img, "--size", "64M"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for_mount(proc, mnt)
+        fd = os.open(os.path.join(mnt, "nvme0n1"), os.O_WRONLY)
+        os.pwrite(fd, data, 5 * MiB)
+        os.fsync(fd)
+        proc.kill()
+        proc.wait()
+        try:
+            os.close(fd)
+        except OSError:
+            pass        # the connection died with the daemon
+    finally:
+        stop(proc, mnt)
+    with mounted(mnt, img):
+        with open(os.path.join(mnt, "nvme0n1"), "rb") as f:
+            f.seek(5 * MiB)
+            assert f.read(MiB) == data
+
+
+@pytest.mark.parametrize("how", ["SIGINT", "SIGTERM", "fusermount"])
+def test_clean_exit_on_signal_or_unmount(paths, how):
+    mnt, img = paths
+    os.makedirs(mnt)
+    proc = subprocess.Popen(nvmefs_cmd("mount", mnt, "--image", img, "--size", "16M"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for_mount(proc, mnt)
+        with open(os.path.join(mnt, "nvme0n1"), "r+b") as f:
+            f.write(b"signal" * 100)
+    finally:
+        rc = stop(proc, mnt, how=how)
+    out, err = proc.communicate()
+    assert rc == 0, err
+    assert "shut down cleanly" in out
+    assert not os.path.ismount(mnt)
+    with mounted(mnt, img):
+        with open(os.path.join(mnt, "nvme0n1"), "rb") as f:
+            assert f.read(600) == b"signal" * 100
+
+
+def test_fault_injection_through_the_mount(paths):
+    mnt, img = paths
+    with mounted(mnt, img, "--size", "16M", env={**os.environ, "NVMEFS_FAULT_INJECTION": "1"}):
+        dev = os.path.join(mnt, "nvme0n1")
+        with open(dev, "r+b") as f:
+            f.write(b"\x42" * 8192)
+        os.setxattr(mnt, "user.nvmefs.inject", json.dumps(
+            {"opcode": 2, "lba_start": 0, "lba_end": 15, "action": "fail", "sct": 2, "sc": 0x81,
+             "dnr": True}).encode())
+        fd = os.open(dev, os.O_RDONLY | os.O_DIRECT)
+        try:
+            import mmap
+            buf = mmap.mmap(-1, 4096)
+            with pytest.raises(OSError) as ei:
+                os.preadv(fd, [buf], 0)
+            assert ei.value.errno == 5
+            assert os.preadv(fd, [buf], 0) == 4096 and buf[:4] == b"\x42" * 4
+        finally:
+            os.close(fd)
+        os.setxattr(mnt, "user.nvmefs.inject", b'{"fatal": true}')
+        time.sleep(1.5)
+        with open(dev, "rb") as f:
+            assert f.read(4) == b"\x42" * 4
+        stats = json.loads(os.getxattr(mnt, "user.nvmefs.stats"))
+        assert stats["resets"] >= 1
+        assert stats["errors_by_status"].get("UNRECOVERED_READ_ERROR") == 1
+        r = run_cli("stats", mnt)
+        assert r.returncode == 0 and "resets" in r.stdout
+
+
+def image_state(img):
+    if not os.path.exists(img):
+        return None
+    with open(img, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest(), os.stat(img).st_mtime_ns
+
+
+def test_bad_input_one_line_nonzero_and_image_untouched(paths, tmp_path):
+    mnt, img = paths
+    os.makedirs(mnt)
+    r = run_cli("create-image", img, "--size", "8M")
+    assert r.returncode == 0, r.stderr
+    before = image_state(img)
+
+    def bad(args, needle, env=None):
+        r = run_cli(*args, env=env)
+        assert r.returncode != 0, args
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and needle in lines[0], (args, r.stderr)
+        assert "Traceback" not in r.stderr
+        assert image_state(img) == before
+
+    bad(["mount", str(tmp_path / "nope"), "--image", img], "does not exist")
+    (tmp_path / "file").write_text("x")
+    bad(["mount", str(tmp_path / "file"), "--image", img], "not a directory")
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "x").write_text("x")
+    bad(["mount", str(full), "--image", img], "not empty")
+    bad(["mount", mnt, "--image", str(tmp_path / "new.img"), "--size", "1000001"], "multiple of the LBA size")
+    assert not os.path.exists(tmp_path / "new.img")
+    bad(["mount", mnt, "--image", img], "fusermount3", env={**os.environ, "PATH": "/nonexistent"})
+    bad(["mount", mnt, "--size", "12Q"], "invalid size")
+    bad(["id-ctrl", "--image", str(tmp_path / "missing.img")], "does not exist")
+    garbage = tmp_path / "garbage.img"
+    garbage.write_bytes(b"\0" * 8192)
+    bad(["mount", mnt, "--image", str(garbage)], "garbage.img")
+    # a read-only image: on a read-only bind mount, which binds root too
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    shutil.copy(img, ro / "disk.img")
+    sh("mount", "--bind", str(ro), str(ro))
+    try:
+        sh("mount", "-o", "remount,ro,bind", str(ro))
+        bad(["mount", mnt, "--image", str(ro / "disk.img")], "not writable")
+    finally:
+        sh("umount", str(ro))
+    # already mounted
+    with mounted(mnt, img):
+        r = run_cli("mount", mnt, "--image", str(tmp_path / "other.img"))
+        assert r.returncode != 0 and "busy" in r.stderr
+    assert not os.path.exists(tmp_path / "other.img")
+
+
+def test_cli_admin_commands(paths, tmp_path):
+    _mnt, img = paths
+    assert run_cli("create-image", img, "--size", "64M", "--namespaces", "2").returncode == 0
+    r = run_cli("list", "--image", img, "--json")
+    assert r.returncode == 0, r.stderr
+    rows = json.loads(r.stdout)
+    assert [x["name"] for x in rows] == ["nvme0n1", "nvme0n2"]
+    for cmd in (["id-ctrl"], ["id-ns", "-n", "2"], ["smart-log"], ["error-log"],
+                ["get-feature", "-f", "volatile-write-cache"]):
+        r = run_cli(*cmd, "--image", img)
+        assert r.returncode == 0, (cmd, r.stderr)
+        assert r.stdout.strip()
+    r = run_cli("format", "--image", img, "-n", "1", "--lba-size", "4096", "--erase")
+    assert r.returncode == 0, r.stderr
+    r = run_cli("id-ns", "--image", img, "-n", "1", "--json")
+    assert json.loads(r.stdout)["lba_size"] == 4096
+    r = run_cli("id-ns", "--image", img, "-n", "9")
+    assert r.returncode != 0 and "does not exist" in r.stderr
