@@ -40,7 +40,7 @@ cdef extern from "model_sys.h" nogil:
     void *mdl_mmap "mmap"(void *addr, size_t length, int prot, int flags, int fd, int64_t off)
 
 cdef enum:
-    MDL_IDLE_NS = 75000          # busy-poll this long after the last piece of work
+    MDL_IDLE_NS_DEFAULT = 50000  # busy-poll this long after the last piece of work
     MDL_SLEEP_MS = 50            # longest sleep: bounds how late a kick-less doorbell is seen
     MDL_BURST = 64               # commands per SQ per pass (round robin fairness)
     MDL_MAX_RULES = 64
@@ -150,6 +150,7 @@ cdef struct mdl_ctrl:
     # controller state
     int stop
     uint32_t idle            # host-visible: the thread is (about to be) asleep
+    uint64_t idle_ns         # busy-poll window before sleeping
     int kick_fd
     int *irq_fds
     uint32_t nvec
@@ -756,7 +757,7 @@ cdef void *mdl_thread_main(void *arg) noexcept nogil:
             last = nvmefs_now_ns()
             continue
         now = nvmefs_now_ns()
-        if now - last < MDL_IDLE_NS:
+        if now - last < c.idle_ns:
             mdl_cpu_relax()
             mdl_sched_yield()
             continue
@@ -845,7 +846,7 @@ cdef class ControllerModel:
                   image=None, bint create=True, uint32_t max_io_queues=64, uint32_t mqes=1023,
                   uint32_t mdts=9, str sgl="bitbucket", bint vwc=True, uint32_t dstrd=0,
                   uint32_t timeout_500ms=20, bint polled=False, str serial="NVMEFS0000001",
-                  str model_name="nvmefs software controller"):
+                  str model_name="nvmefs software controller", double idle_spin_us=50):
         self.c = NULL
         self.arena = arena
         self.regs = regs
@@ -889,6 +890,9 @@ cdef class ControllerModel:
         c.vwc = vwc
         c.wce = vwc
         c.polled = polled
+        # how long the thread busy-polls before sleeping: a wake-up costs tens
+        # of microseconds on a VM, spinning costs a core the host may need
+        c.idle_ns = <uint64_t>(idle_spin_us * 1000) if idle_spin_us > 0 else 0
         memset(c.serial, 0x20, 20)
         memcpy(c.serial, <char *>sn, len(sn))
         memset(c.model, 0x20, 40)

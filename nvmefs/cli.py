@@ -300,6 +300,10 @@ def build_parser():
     p.add_argument("--write-cache", choices=("on", "off"), default="on", help="volatile write cache")
     p.add_argument("--mdts", type=int, default=9, help="controller MDTS exponent (default 9: 2 MiB)")
     p.add_argument("--polled", action="store_true", help="poll for completions instead of interrupts")
+    p.add_argument("--spin-us", type=float, default=30, metavar="US",
+                   help="hybrid polling: watch the CQ this long before sleeping on the interrupt (default 30)")
+    p.add_argument("--model-idle-us", type=float, default=50, metavar="US",
+                   help="built-in controller: busy-poll this long before sleeping (default 50)")
     p.add_argument("--page-cache", action="store_true",
                    help="let the kernel page cache serve reads (default: direct I/O)")
     p.add_argument("-b", "--background", action="store_true", help="run in the background once mounted")

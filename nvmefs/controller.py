@@ -76,7 +76,7 @@ class Controller:
 
     def __init__(self, transport, nursery, *, io_queues=None, queue_entries=256, admin_entries=64,
                  polled=False, timeout=10.0, admin_timeout=10.0, retries=3, max_transfer=None,
-                 bounce_bytes=16 << 20):
+                 bounce_bytes=16 << 20, spin_us=30):
         self.transport = transport
         self.nursery = nursery
         self.want_queues = io_queues or usable_cpus()
@@ -88,6 +88,7 @@ class Controller:
         self.retries = retries
         self.max_transfer_cap = max_transfer
         self.bounce_bytes = bounce_bytes
+        self.spin_ns = int(spin_us * 1000)
         self.admin_q = None
         self.io_qs = []
         self.namespaces = {}
@@ -121,7 +122,8 @@ class Controller:
             delay = min(delay * 2, 0.05)
 
     async def _bring_up(self):
-        self.ready = trio.Event()
+        if self.ready.is_set():
+            self.ready = trio.Event()   # waiters from reset() keep the event they hold
         t = self.transport
         cap = t.read64(REG_CAP)
         self.mqes = cap & 0xFFFF
@@ -161,7 +163,7 @@ class Controller:
         self.io_qs = []
         for qid in range(1, n + 1):
             q = IoQueue(t, qid, entries, max_transfer=self.max_transfer, sgls=self.sgls,
-                        polled=self.polled, bounce_bytes=self.bounce_bytes)
+                        polled=self.polled, bounce_bytes=self.bounce_bytes, spin_ns=self.spin_ns)
             ien = 0 if self.polled else 1
             await self.admin(ADM_CREATE_CQ, cdw10=qid | ((entries - 1) << 16),
                              cdw11=1 | (ien << 1) | (qid << 16), prp1=q.qp.cq_iova)
@@ -189,16 +191,37 @@ class Controller:
 
     # -- commands ----------------------------------------------------------------
 
-    async def execute(self, q, opcode, *, timeout=None, nsid=0, lba=None, **cmd):
+    async def execute(self, q, opcode, *, timeout=None, nsid=0, lba=None, chunks=None, **cmd):
         """Run one command on queue ``q``; returns (dw0, dw1).  Raises
         NvmeError for an error status, ControllerReset if a reset took the
-        command (resubmit), ControllerError if the controller is gone."""
+        command (resubmit), ControllerError if the controller is gone.
+
+        ``chunks``: bounce chunks the command's data lives in.  If the caller
+        is cancelled while the command is in flight they are handed to the
+        slot (and the list emptied), so they go back to the pool only when
+        the controller can no longer DMA into them."""
         timeout = timeout or (self.admin_timeout if q.qid == 0 else self.timeout)
         slot = await q.submit(opcode, deadline=trio.current_time() + timeout, nsid=nsid, **cmd)
-        with trio.move_on_at(slot.deadline):
-            await slot.event.wait()
-        if not slot.event.is_set():
-            await self._on_timeout(q, slot)
+        q.spin(slot)
+        if slot.event.is_set():
+            # completed while we polled: a full scheduling round costs more
+            # than the command did, so only every 16th pays one
+            q.fast += 1
+            if q.fast & 15:
+                await trio.lowlevel.checkpoint_if_cancelled()
+            else:
+                await trio.lowlevel.checkpoint()
+        else:
+            try:
+                # timeouts are the watchdog's job: no cancel scope per command
+                await slot.event.wait()
+            except trio.Cancelled:
+                if not slot.event.is_set():
+                    slot.abandoned = True
+                    if chunks:
+                        slot.chunks = list(chunks)
+                        chunks.clear()
+                raise
         if slot.error is not None:
             raise slot.error
         if slot.status:
@@ -246,12 +269,28 @@ class Controller:
     def fatal(self):
         return bool(self.transport.read32(REG_CSTS) & CSTS_CFS)
 
+    async def _watchdog(self):
+        """Finds commands past their deadline (one task instead of a cancel
+        scope per command) and runs the timeout recipe for each, once."""
+        tick = max(0.01, min(0.25, min(self.timeout, self.admin_timeout) / 8))
+        while True:
+            await trio.sleep(tick)
+            now = trio.current_time()
+            for q in [self.admin_q] + self.io_qs:
+                if q is None or q.dead:
+                    continue
+                for slot in q.outstanding_slots():
+                    if slot.deadline <= now and not slot.timed_out:
+                        slot.timed_out = True
+                        self.nursery.start_soon(self._on_timeout, q, slot)
+
     async def _on_timeout(self, q, slot):
         gen = self.generation
         if not self.ready.is_set():
             # during bring-up there is nothing to reset to: give up clearly
-            slot.error = ControllerError(f"{self.transport.name}: controller stopped answering "
-                                         f"(opcode 0x{slot.opcode:02x} timed out during bring-up)")
+            q.fail_slot(slot, ControllerError(
+                f"{self.transport.name}: controller stopped answering "
+                f"(opcode 0x{slot.opcode:02x} timed out during bring-up)"))
             return
         log.warning("%s: %s command cid %d on queue %d timed out", self.transport.name,
                     "admin" if q.qid == 0 else "I/O", slot.cid, q.qid)
@@ -272,7 +311,10 @@ class Controller:
                 await slot.event.wait()
             if slot.event.is_set():
                 return
-        await self.reset("command timeout", gen)
+        try:
+            await self.reset("command timeout", gen)
+        except ControllerError as exc:
+            log.error("%s", exc)
 
     async def reset(self, reason, generation=None):
         """Controller reset: fail everything in flight with ControllerReset
@@ -376,6 +418,7 @@ async def _controller_nursery(transport, **options):
     async with trio.open_nursery() as nursery:
         ctrl = Controller(transport, nursery, **options)
         try:
+            nursery.start_soon(ctrl._watchdog)
             await ctrl._bring_up()
             nursery.start_soon(ctrl._health)
             yield ctrl

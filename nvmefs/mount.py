@@ -80,7 +80,7 @@ async def serve(args, transport, ready_fd=None):
     from nvmefs.fusefs import NvmeFS
 
     async with open_controller(transport, io_queues=args.queues, queue_entries=args.queue_depth + 1,
-                               polled=args.polled) as ctrl:
+                               polled=args.polled, spin_us=args.spin_us) as ctrl:
         fs = NvmeFS(ctrl, direct_io=not args.page_cache)
         options = set(pyfuse3.default_options)
         options |= {"fsname=nvmefs", "subtype=nvmefs"}
@@ -135,7 +135,8 @@ def run_mount(args):
               f"{args.lba_size}-byte LBAs)", flush=True)
     try:
         transport = ModelTransport(image, create=False, sgl=args.sgl, vwc=args.write_cache == "on",
-                                   max_io_queues=max(args.queues or 0, 64), mdts=args.mdts)
+                                   max_io_queues=max(args.queues or 0, 64), mdts=args.mdts,
+                                   idle_spin_us=args.model_idle_us)
     except (OSError, ValueError) as exc:
         raise UsageError(f"cannot open image {image}: {exc}") from None
     try:

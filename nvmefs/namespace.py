@@ -51,7 +51,8 @@ class Namespace:
         ctrl = self.ctrl
         attempt = 0
         while True:
-            await ctrl.ready.wait()
+            if not ctrl.ready.is_set():
+                await ctrl.ready.wait()
             if ctrl.closed:
                 raise ControllerError("controller is closed")
             q = ctrl.pick_queue()
@@ -62,12 +63,12 @@ class Namespace:
                     if isinstance(buf, (_core.DmaBuffer, _SubBuffer)):
                         cmd["segments"] = [(buf.iova, nbytes)]
                     else:
-                        chunks = await q.bounce.take(nbytes)
+                        chunks = q.bounce.try_take(nbytes) or await q.bounce.take(nbytes)
                         cmd["segments"] = q.bounce.segments(chunks, nbytes)
                         if data_out is not None:
                             q.bounce.copy_in(chunks, data_out)
                     cmd["is_read"] = data_in is not None
-                result = await ctrl.execute(q, opcode, nsid=self.nsid, lba=lba, **cmd)
+                result = await ctrl.execute(q, opcode, nsid=self.nsid, lba=lba, chunks=chunks, **cmd)
                 if chunks is not None and data_in is not None:
                     q.bounce.copy_out(chunks, data_in, nbytes)
                 return result
@@ -88,7 +89,7 @@ class Namespace:
                 log.info("retrying after %s (attempt %d)", exc, attempt)
                 await trio.sleep(0.001 * (1 << attempt))
             finally:
-                if chunks is not None:
+                if chunks:      # emptied when handed to an abandoned command
                     q.bounce.give(chunks)
 
     def _pieces(self, lba, count):
@@ -100,10 +101,10 @@ class Namespace:
             count -= n
 
     async def _split(self, lba, count, fn):
-        pieces = list(self._pieces(lba, count))
-        if len(pieces) == 1:
-            await fn(*pieces[0], 0)
+        if count * self.lba_size <= self.ctrl.max_transfer and count <= MAX_NLB:
+            await fn(lba, count, 0)
             return
+        pieces = list(self._pieces(lba, count))
         async with trio.open_nursery() as nursery:
             off = 0
             for plba, n in pieces:

@@ -23,7 +23,8 @@ class ControllerReset(Exception):
 
 
 class _Slot:
-    __slots__ = ("event", "status", "dw0", "dw1", "cid", "opcode", "deadline", "error", "aborting")
+    __slots__ = ("event", "status", "dw0", "dw1", "cid", "opcode", "deadline", "error", "aborting",
+                 "timed_out", "abandoned", "chunks")
 
     def __init__(self, opcode, deadline):
         self.event = trio.Event()
@@ -34,6 +35,9 @@ class _Slot:
         self.deadline = deadline
         self.error = None
         self.aborting = False
+        self.timed_out = False
+        self.abandoned = False     # its waiter was cancelled
+        self.chunks = None         # bounce chunks to return once the controller is done
 
 
 class BouncePool:
@@ -49,6 +53,13 @@ class BouncePool:
         self.lot = trio.lowlevel.ParkingLot()
         self.waits = 0
 
+    def try_take(self, nbytes):
+        """Chunks for ``nbytes`` if enough are free right now, else None."""
+        n = -(-nbytes // self.chunk) or 1
+        if len(self.free) >= n:
+            return [self.free.pop() for _ in range(n)]
+        return None
+
     async def take(self, nbytes):
         n = max(1, -(-nbytes // self.chunk))
         if n > self.capacity():
@@ -63,7 +74,8 @@ class BouncePool:
 
     def give(self, chunks):
         self.free.extend(chunks)
-        self.lot.unpark_all()
+        if self.lot:
+            self.lot.unpark_all()
 
     def segments(self, chunks, nbytes):
         segs, left = [], nbytes
@@ -98,7 +110,7 @@ class IoQueue:
     """A queue pair plus what trio needs to use it.  Created by Controller."""
 
     def __init__(self, transport, qid, entries, *, max_transfer, sgls, polled=False,
-                 bounce_chunk=128 << 10, bounce_bytes=16 << 20, max_sgl_segments=256):
+                 bounce_chunk=128 << 10, bounce_bytes=16 << 20, max_sgl_segments=256, spin_ns=0):
         self.transport = transport
         self.qid = qid
         self.qp = _core.QueuePair(transport.arena, transport.regs, qid, entries,
@@ -119,6 +131,9 @@ class IoQueue:
         self.cancel_scope = None
         self.finished = trio.Event()   # the completion task has left wait_readable
         self.interrupts = 0
+        self.spin_ns = spin_ns
+        self.spun = 0
+        self.fast = 0
 
     # -- completion side ---------------------------------------------------------
 
@@ -133,7 +148,10 @@ class IoQueue:
                 continue
             slot.status, slot.dw0, slot.dw1 = status, dw0, dw1
             slot.event.set()
-        if got:
+            if slot.chunks:
+                self.bounce.give(slot.chunks)
+                slot.chunks = None
+        if got and self.space:
             self.space.unpark_all()
         return len(got)
 
@@ -188,6 +206,18 @@ class IoQueue:
             self.kick.set()
         return slot
 
+    def spin(self, slot):
+        """Hybrid polling: when nothing else in this trio thread can run, wait
+        for ``slot``'s completion by watching the CQ phase bit for up to
+        spin_ns instead of sleeping in epoll -- on a VM a thread wake-up costs
+        tens of microseconds, more than a fast command takes."""
+        # only when this is the queue's one command: deeper queues batch
+        # completions through the interrupt, and nobody else waits on us long
+        if (self.spin_ns and self.qp.outstanding == 1 and not slot.event.is_set()
+                and self.qp.spin_for_completion(self.spin_ns)):
+            self.spun += 1
+            self._deliver()
+
     def outstanding_slots(self):
         return [s for s in self.slots if s is not None]
 
@@ -196,17 +226,33 @@ class IoQueue:
         self.dead = True
         for i, slot in enumerate(self.slots):
             if slot is not None:
-                slot.error = exc
-                slot.event.set()
                 self.slots[i] = None
+                self._fail(slot, exc)
         self.space.unpark_all()
         if self.cancel_scope is not None:
             self.cancel_scope.cancel()
+
+    def _fail(self, slot, exc):
+        slot.error = exc
+        slot.event.set()
+        # the controller was disabled (or gave up on the command): no more DMA
+        if slot.chunks:
+            self.bounce.give(slot.chunks)
+            slot.chunks = None
+
+    def fail_slot(self, slot, exc):
+        """Give up on one command (bring-up timeout).  Its tracker stays
+        allocated: the controller never answered, so its id is not reused."""
+        i = slot.cid & self.mask
+        if self.slots[i] is slot:
+            self.slots[i] = None
+        self._fail(slot, exc)
 
     def stats(self):
         s = self.qp.stats()
         s["busy_waits"] = self.busy_waits
         s["interrupts"] = self.interrupts
+        s["polled_completions"] = self.spun
         if self.bounce is not None:
             s["bounce_waits"] = self.bounce.waits
         return s

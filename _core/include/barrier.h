@@ -27,6 +27,16 @@ static inline void nvmefs_rmb(void)
     __atomic_thread_fence(__ATOMIC_ACQUIRE);
 }
 
+/* Polite spinning: lets the sibling hyperthread (or the hypervisor) run. */
+static inline void cpu_relax(void)
+{
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#else
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+#endif
+}
+
 static inline void nvmefs_mb(void)
 {
     __atomic_thread_fence(__ATOMIC_SEQ_CST);

@@ -5,6 +5,7 @@ cdef extern from "barrier.h" nogil:
     void nvmefs_wmb()
     void nvmefs_rmb()
     void nvmefs_mb()
+    void cpu_relax()
     void nvmefs_doorbell_write(volatile uint32_t *db, uint32_t value)
     uint32_t nvmefs_load_acquire32(const volatile uint32_t *p)
     uint16_t nvmefs_load_acquire16(const volatile uint16_t *p)
