@@ -246,3 +246,34 @@ async def test_image_persists_across_controllers(make_transport, tmp_path):
     t2 = make_transport(image=img, create=False)
     async with open_controller(t2, io_queues=1) as c:
         assert await c.namespaces[1].read(1000, 1) == b"persist!" * 64
+
+
+async def test_cancelled_waiter_keeps_bounce_chunks_until_completion(make_transport):
+    t = make_transport()
+    async with open_controller(t, io_queues=1, timeout=5) as c:
+        ns = c.namespaces[1]
+        pool = c.io_qs[0].bounce
+        full = len(pool.free)
+        t.model.inject(0x02, action="delay", delay_ms=400)
+        with trio.move_on_after(0.1):
+            await ns.read(0, 8)
+        # the controller may still DMA into the chunk: it must not be reusable yet
+        assert len(pool.free) == full - 1
+        with trio.fail_after(5):
+            while len(pool.free) != full:
+                await trio.sleep(0.02)
+        assert await ns.read(0, 1) == bytes(512)
+
+
+async def test_hybrid_polling_catches_qd1_completions(make_transport):
+    t = make_transport()
+    async with open_controller(t, io_queues=1, spin_us=2000) as c:
+        ns = c.namespaces[1]
+        for i in range(200):
+            await ns.read(i, 1)
+        st = c.io_qs[0].stats()
+        assert st["polled_completions"] > 100
+    async with open_controller(make_transport(), io_queues=1, spin_us=0) as c:
+        for i in range(50):
+            await c.namespaces[1].read(i, 1)
+        assert c.io_qs[0].stats()["polled_completions"] == 0
