@@ -119,7 +119,8 @@ cdef class QueuePair:
             t.list_vaddr = (<DmaBuffer>self.list_buf).vaddr + <size_t>i * self.list_pages_per_cmd * self.page_size
         self.out_cqe = <nvme_cqe *>malloc(self.entries * sizeof(nvme_cqe))
         self.out_user = <uint64_t *>malloc(self.entries * sizeof(uint64_t))
-        self.py_segs = <dma_seg *>malloc(max(max_sgl_segments, 1) * sizeof(dma_seg) + 64 * sizeof(dma_seg))
+        # sized for exactly what load_segments() admits
+        self.py_segs = <dma_seg *>malloc(self.list_pages_per_cmd * (self.page_size >> 4) * sizeof(dma_seg))
         if self.out_cqe == NULL or self.out_user == NULL or self.py_segs == NULL:
             raise MemoryError()
 

@@ -16,7 +16,7 @@ def parse_size(text):
     num = t[:-1] if unit else t
     try:
         value = int(float(num) * SIZE_UNITS[unit])
-    except ValueError:
+    except (ValueError, OverflowError):   # "inf" and "1e400" overflow int()
         raise argparse.ArgumentTypeError(f"invalid size {text!r} (examples: 1G, 512M, 1073741824)") from None
     if value <= 0:
         raise argparse.ArgumentTypeError(f"size must be positive, not {text!r}")
@@ -31,6 +31,18 @@ def positive(text):
     if v <= 0:
         raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
     return v
+
+
+def int_range(lo, hi):
+    def parse(text):
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if not lo <= v <= hi:
+            raise argparse.ArgumentTypeError(f"{v} is outside {lo}..{hi}")
+        return v
+    return parse
 
 
 def emit(args, data, table):
@@ -292,17 +304,19 @@ def build_parser():
     p.add_argument("--size", type=parse_size, default=1 << 30, help="size of a new image (default 1G)")
     p.add_argument("--lba-size", type=int, choices=(512, 4096), default=512, help="LBA size of a new image")
     p.add_argument("--namespaces", type=positive, default=1, metavar="N", help="namespaces in a new image")
-    p.add_argument("--queues", type=positive, default=None, metavar="N",
+    p.add_argument("--queues", type=int_range(1, 1024), default=None, metavar="N",
                    help="I/O queue pairs (default: one per usable CPU)")
-    p.add_argument("--queue-depth", type=positive, default=255, metavar="N", help="commands per queue")
+    p.add_argument("--queue-depth", type=int_range(1, 1023), default=255, metavar="N",
+                   help="commands in flight per queue (default 255)")
     p.add_argument("--sgl", choices=("on", "off", "bitbucket"), default="bitbucket",
                    help="controller SGL support (default bitbucket)")
     p.add_argument("--write-cache", choices=("on", "off"), default="on", help="volatile write cache")
-    p.add_argument("--mdts", type=int, default=9, help="controller MDTS exponent (default 9: 2 MiB)")
+    p.add_argument("--mdts", type=int_range(1, 11), default=9,
+                   help="controller MDTS exponent: max transfer 2^N x 4 KiB (default 9: 2 MiB)")
     p.add_argument("--polled", action="store_true", help="poll for completions instead of interrupts")
-    p.add_argument("--spin-us", type=float, default=30, metavar="US",
+    p.add_argument("--spin-us", type=int_range(0, 100000), default=30, metavar="US",
                    help="hybrid polling: watch the CQ this long before sleeping on the interrupt (default 30)")
-    p.add_argument("--model-idle-us", type=float, default=50, metavar="US",
+    p.add_argument("--model-idle-us", type=int_range(0, 1000000), default=50, metavar="US",
                    help="built-in controller: busy-poll this long before sleeping (default 50)")
     p.add_argument("--page-cache", action="store_true",
                    help="let the kernel page cache serve reads (default: direct I/O)")
@@ -358,6 +372,7 @@ def main(argv=None):
     from nvmefs.mount import UsageError
     ap = build_parser()
     args = ap.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=(logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose, 2)],
                         format="nvmefs: %(levelname)s: %(message)s")
     if not getattr(args, "func", None):

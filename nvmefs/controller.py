@@ -201,7 +201,10 @@ class Controller:
         slot (and the list emptied), so they go back to the pool only when
         the controller can no longer DMA into them."""
         timeout = timeout or (self.admin_timeout if q.qid == 0 else self.timeout)
-        slot = await q.submit(opcode, deadline=trio.current_time() + timeout, nsid=nsid, **cmd)
+        slot = await q.submit(opcode, deadline=None, nsid=nsid, **cmd)
+        # the clock starts when the controller has the command, not while
+        # the submitter waited for SQ space or an id
+        slot.deadline = trio.current_time() + timeout
         q.spin(slot)
         if slot.event.is_set():
             # completed while we polled: a full scheduling round costs more
@@ -313,39 +316,51 @@ class Controller:
                 return
         try:
             await self.reset("command timeout", gen)
-        except ControllerError as exc:
+        except Exception as exc:
             log.error("%s", exc)
 
     async def reset(self, reason, generation=None):
         """Controller reset: fail everything in flight with ControllerReset
-        (callers resubmit), then bring the controller up again."""
-        async with self._reset_lock:
-            if generation is not None and generation != self.generation:
-                return                       # someone else already reset it
-            if self.closed:
-                raise ControllerError("controller is closed")
-            self.resets += 1
-            log.warning("%s: resetting controller (%s)", self.transport.name, reason)
-            self.ready = trio.Event()
-            exc = ControllerReset(reason)
-            old = [self.admin_q] + self.io_qs
-            for q in old:
-                q.fail_all(exc)
-            for q in old:
-                if q.cancel_scope is not None:
-                    await q.finished.wait()
-                q.close()
-            try:
-                await self._bring_up()
-            except ControllerError:
-                self.ready.set()     # waiters must see the failure, not hang
-                self.closed = True
-                raise
+        (callers resubmit), then bring the controller up again.  Shielded:
+        a half-done reset (old queues gone, new ones not made) must never be
+        left behind by a cancelled caller."""
+        with trio.CancelScope(shield=True):
+            async with self._reset_lock:
+                if generation is not None and generation != self.generation:
+                    return                       # someone else already reset it
+                if self.closed:
+                    raise ControllerError("controller is closed")
+                self.resets += 1
+                log.warning("%s: resetting controller (%s)", self.transport.name, reason)
+                self.ready = trio.Event()
+                exc = ControllerReset(reason)
+                old = [self.admin_q] + self.io_qs
+                for q in old:
+                    q.fail_all(exc)
+                for q in old:
+                    if q.cancel_scope is not None:
+                        await q.finished.wait()
+                    q.close()
+                try:
+                    await self._bring_up()
+                except BaseException as err:
+                    # whatever stopped the bring-up, waiters must see a closed
+                    # controller rather than wait for ever
+                    self.closed = True
+                    self.ready.set()
+                    if isinstance(err, Exception) and not isinstance(err, ControllerError):
+                        raise ControllerError(f"{self.transport.name}: reset failed: {err}") from err
+                    raise
 
     # -- shutdown ----------------------------------------------------------------
 
     async def shutdown(self):
-        """Flush, delete I/O queues, CC.SHN normal shutdown, wait SHST."""
+        """Flush, delete I/O queues, CC.SHN normal shutdown, wait SHST.
+        Waits for a reset in progress rather than racing it."""
+        async with self._reset_lock:
+            await self._shutdown()
+
+    async def _shutdown(self):
         if self.closed:
             return
         t = self.transport
@@ -395,7 +410,7 @@ class Controller:
             if not self.closed and self.ready.is_set() and self.fatal():
                 try:
                     await self.reset("controller fatal status", self.generation)
-                except ControllerError as exc:
+                except Exception as exc:
                     log.error("%s", exc)
                     return
 

@@ -94,25 +94,38 @@ async def serve(args, transport, ready_fd=None):
             if ready_fd is not None:
                 os.write(ready_fd, b"ok\n")
                 os.close(ready_fd)
+            # Installed first so that the signal receiver below restores them
+            # when it closes: from then on, through shutdown, signals are
+            # logged and ignored and can never interrupt the NVMe shutdown.
+            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+                signal.signal(sig, lambda n, f: log.warning("shutdown in progress; signal ignored"))
             async with trio.open_nursery() as nursery:
                 async def on_signal():
                     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as sigs:
                         async for sig in sigs:
-                            log.warning("signal %s: unmounting", signal.Signals(sig).name)
-                            nursery.cancel_scope.cancel()
+                            log.warning("%s: unmounting once requests in flight are answered",
+                                        signal.Signals(sig).name)
+                            # stop taking requests, let running handlers finish
+                            # (no half-done read-modify-write), then unmount
+                            state["signalled"] = True
+                            pyfuse3.terminate()
                             break
+                        with trio.move_on_after(60):
+                            async for sig in sigs:
+                                log.warning("%s: shutdown in progress; signal ignored",
+                                            signal.Signals(sig).name)
+                        log.error("requests still running after 60 s: cancelling them")
+                        nursery.cancel_scope.cancel()
 
                 async def fuse_main():
                     await pyfuse3.main(min_tasks=8, max_tasks=256)
-                    state["unmounted"] = True       # fusermount3 -u ended the session
+                    # ended by fusermount3 -u unless we terminated it on a signal
+                    state["unmounted"] = not state.get("signalled")
                     nursery.cancel_scope.cancel()
 
                 nursery.start_soon(on_signal)
                 nursery.start_soon(fuse_main)
         finally:
-            # later signals during shutdown are logged and ignored
-            for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-                signal.signal(s, lambda n, f: log.warning("shutdown in progress; signal ignored"))
             pyfuse3.close(unmount=not state["unmounted"])
     print(f"nvmefs: {args.mountpoint} unmounted, controller shut down cleanly", flush=True)
 
@@ -137,8 +150,12 @@ def run_mount(args):
         transport = ModelTransport(image, create=False, sgl=args.sgl, vwc=args.write_cache == "on",
                                    max_io_queues=max(args.queues or 0, 64), mdts=args.mdts,
                                    idle_spin_us=args.model_idle_us)
-    except (OSError, ValueError) as exc:
-        raise UsageError(f"cannot open image {image}: {exc}") from None
+    except Exception as exc:
+        if create:
+            os.unlink(image)        # we made it a moment ago: leave nothing behind
+        if isinstance(exc, (OSError, ValueError, OverflowError)):
+            raise UsageError(f"cannot open image {image}: {exc}") from None
+        raise
     try:
         trio.run(serve, args, transport, args.ready_fd)
     except Exception as exc:
@@ -153,19 +170,34 @@ def run_mount(args):
     return 0
 
 
+def log_path(mountpoint):
+    base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    name = mountpoint.strip("/").replace("/", "_") or "root"
+    return os.path.join(base, "nvmefs", f"{name}.log")
+
+
 def spawn_background(args):
-    """Run the daemon as a child and return once it reports the mount ready."""
+    """Run the daemon as a child and return once it reports the mount ready.
+    The child's output goes to a log file (so that `$(nvmefs mount -b ...)`
+    returns), whose tail is shown if the child fails to mount."""
     import subprocess
+    logfile = log_path(args.mountpoint)
+    os.makedirs(os.path.dirname(logfile), exist_ok=True)
     r, w = os.pipe()
-    argv = [sys.executable, "-m", "nvmefs"] + [a for a in sys.argv[1:] if a not in ("--background", "-b")]
+    argv = [sys.executable, "-m", "nvmefs"] + [a for a in args.argv if a not in ("--background", "-b")]
     argv += ["--ready-fd", str(w)]
-    child = subprocess.Popen(argv, pass_fds=(w,), stdin=subprocess.DEVNULL, start_new_session=True)
+    with open(logfile, "ab") as log_f:
+        child = subprocess.Popen(argv, pass_fds=(w,), stdin=subprocess.DEVNULL, stdout=log_f,
+                                 stderr=subprocess.STDOUT, start_new_session=True)
     os.close(w)
     with os.fdopen(r, "rb") as f:
         msg = f.read(3)
     if msg != b"ok\n":
         child.wait()
-        return child.returncode or 1
-    print(f"nvmefs: running in the background as pid {child.pid}; stop it with "
-          f"'fusermount3 -u {args.mountpoint}' or 'kill {child.pid}'", flush=True)
+        with open(logfile, "rb") as f:
+            tail = f.read().decode(errors="replace").strip().splitlines()[-1:]
+        raise UsageError(tail[0].removeprefix("nvmefs: error: ") if tail else
+                         f"the background daemon exited with status {child.returncode}")
+    print(f"nvmefs: mounted on {args.mountpoint} in the background (pid {child.pid}, log {logfile}); "
+          f"stop it with 'fusermount3 -u {args.mountpoint}' or 'kill {child.pid}'", flush=True)
     return 0

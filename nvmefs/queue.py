@@ -32,7 +32,7 @@ class _Slot:
         self.dw0 = self.dw1 = 0
         self.cid = None
         self.opcode = opcode
-        self.deadline = deadline
+        self.deadline = float("inf") if deadline is None else deadline
         self.error = None
         self.aborting = False
         self.timed_out = False

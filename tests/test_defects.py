@@ -319,3 +319,18 @@ def test_defect8_descriptor_building_allocates_nothing(arena, regs, fake):
     assert after["pages_in_use"] == before["pages_in_use"]
     assert len(lists) <= qp.depth
     assert qp.stats()["prp"] == 1000 and qp.stats()["sgl"] == 1000
+
+
+def test_segment_capacity_matches_list_memory(arena, regs, fake):
+    # the Python segment array is sized for what the list pages hold: a long
+    # scatter list on a large-transfer queue must build, not overrun memory
+    qp = _core.QueuePair(arena, regs, 1, 4, max_transfer=8 << 20)
+    qp.sgls = 0x1
+    data = arena.alloc(1200 * 2 * PAGE)
+    segs = [(data.iova + 2 * PAGE * k + 8, 1024) for k in range(1200)]
+    qp.submit_command(0x02, nsid=1, segments=segs, is_read=True, dptr="sgl")
+    sgl1 = fake(qp, arena, regs).fetch()[0][24:40]
+    assert [(a, n) for a, n, _bb in walk_sgl(arena.read, sgl1, 1200 * 1024)] == segs
+    from nvmefs.errors import SglLayoutError
+    with pytest.raises((SglLayoutError, ValueError)):
+        qp.submit_command(0x02, nsid=1, segments=segs * 2, is_read=True, dptr="sgl")

@@ -277,3 +277,42 @@ async def test_hybrid_polling_catches_qd1_completions(make_transport):
         for i in range(50):
             await c.namespaces[1].read(i, 1)
         assert c.io_qs[0].stats()["polled_completions"] == 0
+
+
+async def test_reset_completes_every_command_in_flight(make_transport):
+    t = make_transport()
+    async with open_controller(t, io_queues=2, queue_entries=16) as c:
+        ns = c.namespaces[1]
+        await ns.write(0, b"\x99" * 64 * 512)
+        t.model.inject(0x02, action="drop", count=0)       # every read from now on is lost
+        results = []
+
+        async def reader(i):
+            results.append(await ns.read(i * 8, 8))
+
+        async with trio.open_nursery() as nursery:
+            for i in range(4):
+                nursery.start_soon(reader, i)
+            await trio.sleep(0.2)
+            t.model.clear_faults()
+            t.model.set_fatal()             # the health check resets; all four resubmit
+            with trio.fail_after(15):
+                while len(results) < 4:
+                    await trio.sleep(0.05)
+        assert results == [b"\x99" * 4096] * 4
+        assert c.resets == 1
+
+
+async def test_failed_reset_fails_io_instead_of_hanging(make_transport):
+    from nvmefs.errors import ControllerError
+    t = make_transport()
+    async with open_controller(t, io_queues=1) as c:
+        ns = c.namespaces[1]
+        t.model.inject(0x05, admin=True, action="fail", sct=1, sc=0x02, dnr=True, count=0)
+        t.model.set_fatal()
+        with trio.fail_after(15):
+            with pytest.raises(ControllerError):
+                while True:
+                    await ns.read(0, 1)
+                    await trio.sleep(0.05)
+        assert c.closed

@@ -266,3 +266,34 @@ def test_cli_admin_commands(paths, tmp_path):
     assert json.loads(r.stdout)["lba_size"] == 4096
     r = run_cli("id-ns", "--image", img, "-n", "9")
     assert r.returncode != 0 and "does not exist" in r.stderr
+
+
+def test_background_mode_returns_once_mounted(paths):
+    mnt, img = paths
+    os.makedirs(mnt)
+    start = time.monotonic()
+    r = subprocess.run(nvmefs_cmd("mount", "-b", mnt, "--image", img, "--size", "16M"), cwd=ROOT,
+                       capture_output=True, text=True, timeout=60)
+    try:
+        assert r.returncode == 0, r.stderr
+        assert time.monotonic() - start < 30
+        assert os.path.ismount(mnt) and "background" in r.stdout
+        with open(os.path.join(mnt, "nvme0n1"), "r+b") as f:
+            f.write(b"bg" * 256)
+    finally:
+        subprocess.run(["fusermount3", "-u", mnt], timeout=30)
+    deadline = time.monotonic() + 30
+    while os.path.ismount(mnt) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not os.path.ismount(mnt)
+
+
+def test_bad_options_create_nothing(paths, tmp_path):
+    mnt, img = paths
+    os.makedirs(mnt)
+    for args, needle in ((["--mdts", "99"], "outside"), (["--size", "inf"], "invalid size"),
+                         (["--queue-depth", "0"], "outside")):
+        r = run_cli("mount", mnt, "--image", img, *args)
+        assert r.returncode == 2 and needle in r.stderr, (args, r.stderr)
+        assert len(r.stderr.strip().splitlines()) == 1
+        assert not os.path.exists(img)
