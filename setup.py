@@ -17,9 +17,12 @@ INCLUDE = os.path.join("_core", "include")
 
 if DEBUG:
     cflags = ["-O0", "-g3", "-UNDEBUG", "-DNVMEFS_DEBUG=1"]
-    macros = [("CYTHON_TRACE", "1"), ("CYTHON_TRACE_NOGIL", "1")]
+    # CYTHON_TRACE_NOGIL stays off: traced nogil code takes the GIL at every
+    # function entry, which stalls the controller model's thread behind the
+    # trio thread (seen: polled-mode commands timing out in the debug build)
+    macros = [("CYTHON_TRACE", "1")]
     directives = {"boundscheck": True, "wraparound": True, "linetrace": True,
-                  "initializedcheck": True, "profile": True}
+                  "initializedcheck": True}
 else:
     cflags = ["-O3", "-DNDEBUG"]
     macros = []

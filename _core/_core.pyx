@@ -3,6 +3,7 @@
 # included in dependency order (the uvloop layout: STYLE.md).  C-only
 # declarations live in include/ (.h and .pxd).
 
+cimport cython
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int64_t, uintptr_t
 from libc.string cimport memcpy, memset, memcmp
 from libc.string cimport memmove, strlen

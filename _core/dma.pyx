@@ -115,6 +115,8 @@ cdef class DmaArena:
         self.pages_in_use -= n
         return 0
 
+    @cython.linetrace(False)
+    @cython.profile(False)
     cdef inline uint8_t *translate(self, uint64_t iova, uint64_t length) noexcept nogil:
         """Bus address -> process address, NULL when [iova, iova+length) is not mapped
         (what an IOMMU fault is to a real device)."""
@@ -125,6 +127,8 @@ cdef class DmaArena:
             return NULL
         return self.base + off
 
+    @cython.linetrace(False)
+    @cython.profile(False)
     cdef inline uint64_t iova_of(self, const void *p) noexcept nogil:
         return self.iova_base + <uint64_t>(<const uint8_t *>p - self.base)
 

@@ -20,9 +20,13 @@ cdef extern from "<sched.h>" nogil:
 cdef enum:
     ECHO_MAGIC = 0x9e3779b9
 
+@cython.linetrace(False)
+@cython.profile(False)
 cdef inline uint32_t echo_field(uint32_t seq, uint32_t k) noexcept nogil:
     return (seq * <uint32_t>ECHO_MAGIC) ^ (k * 0x01010101u)
 
+@cython.linetrace(False)
+@cython.profile(False)
 cdef inline void echo_fill(nvme_sqe *cmd, uint32_t seq) noexcept nogil:
     cmd.cdw2 = seq
     cmd.nsid = echo_field(seq, 1)
@@ -50,6 +54,8 @@ cdef struct echo_state:
     uint64_t torn
     uint64_t cq_full_spins
 
+@cython.linetrace(False)
+@cython.profile(False)
 cdef void *echo_main(void *arg) noexcept nogil:
     cdef echo_state *st = <echo_state *>arg
     cdef uint32_t tail, seq, nxt

@@ -27,20 +27,30 @@ cdef enum:
     MDL_CNTLID = 1
 
 
+@cython.linetrace(False)
+@cython.profile(False)
 cdef inline void put16(uint8_t *p, uint16_t v) noexcept nogil:
     memcpy(p, &v, 2)
 
+@cython.linetrace(False)
+@cython.profile(False)
 cdef inline void put32(uint8_t *p, uint32_t v) noexcept nogil:
     memcpy(p, &v, 4)
 
+@cython.linetrace(False)
+@cython.profile(False)
 cdef inline void put64(uint8_t *p, uint64_t v) noexcept nogil:
     memcpy(p, &v, 8)
 
+@cython.linetrace(False)
+@cython.profile(False)
 cdef inline void put128(uint8_t *p, uint64_t v) noexcept nogil:
     memcpy(p, &v, 8)
     memset(p + 8, 0, 8)
 
 
+@cython.linetrace(False)
+@cython.profile(False)
 cdef int mdl_admin_to_host(mdl_ctrl *c, mdl_cmdctx *x, const uint8_t *buf, uint64_t length) noexcept nogil:
     """Map the command's PRPs for ``length`` bytes and copy ``buf`` there."""
     cdef int st = mdl_map_dptr(c.arena, x.cmd, length, True, 0, c.scratch, &c.iol)
@@ -50,12 +60,16 @@ cdef int mdl_admin_to_host(mdl_ctrl *c, mdl_cmdctx *x, const uint8_t *buf, uint6
     return 0
 
 
+@cython.linetrace(False)
+@cython.profile(False)
 cdef inline bint mdl_nsid_ok(mdl_ctrl *c, uint32_t nsid) noexcept nogil:
     return nsid >= 1 and nsid <= c.store.nns
 
 
 # --- queues ---------------------------------------------------------------------------
 
+@cython.linetrace(False)
+@cython.profile(False)
 cdef int mdl_create_cq(mdl_ctrl *c, mdl_cmdctx *x) noexcept nogil:
     cdef nvme_sqe *cmd = x.cmd
     cdef uint32_t qid = cmd.cdw10 & 0xFFFF, qsize = cmd.cdw10 >> 16
@@ -94,6 +108,8 @@ cdef int mdl_create_cq(mdl_ctrl *c, mdl_cmdctx *x) noexcept nogil:
     return 0
 
 
+@cython.linetrace(False)
+@cython.profile(False)
 cdef int mdl_create_sq(mdl_ctrl *c, mdl_cmdctx *x) noexcept nogil:
     cdef nvme_sqe *cmd = x.cmd
     cdef uint32_t qid = cmd.cdw10 & 0xFFFF, qsize = cmd.cdw10 >> 16
@@ -132,6 +148,8 @@ cdef int mdl_create_sq(mdl_ctrl *c, mdl_cmdctx *x) noexcept nogil:
     return 0
 
 
+@cython.linetrace(False)
+@cython.profile(False)
 cdef int mdl_delete_sq(mdl_ctrl *c, mdl_cmdctx *x) noexcept nogil:
     cdef uint32_t qid = x.cmd.cdw10 & 0xFFFF
     cdef uint32_t i = 0
@@ -158,6 +176,8 @@ cdef int mdl_delete_sq(mdl_ctrl *c, mdl_cmdctx *x) noexcept nogil:
     return 0
 
 
+@cython.linetrace(False)
+@cython.profile(False)
 cdef int mdl_delete_cq(mdl_ctrl *c, mdl_cmdctx *x) noexcept nogil:
     cdef uint32_t qid = x.cmd.cdw10 & 0xFFFF
     if qid == 0 or qid > c.nq or not c.cq[qid].valid:
@@ -174,6 +194,8 @@ cdef int mdl_delete_cq(mdl_ctrl *c, mdl_cmdctx *x) noexcept nogil:
 
 # --- Identify -------------------------------------------------------------------------
 
+@cython.linetrace(False)
+@cython.profile(False)
 cdef void mdl_identify_ctrl(mdl_ctrl *c, uint8_t *b) noexcept nogil:
     cdef const char *fr = b"1.0     "
     cdef const char *nqn = b"nqn.2024-01.io.nvmefs:ctrl:"
@@ -209,6 +231,8 @@ cdef void mdl_identify_ctrl(mdl_ctrl *c, uint8_t *b) noexcept nogil:
     put16(b + 2048, 2500)                       # power state 0: 25 W
 
 
+@cython.linetrace(False)
+@cython.profile(False)
 cdef void mdl_identify_ns(mdl_ctrl *c, uint32_t nsid, uint8_t *b) noexcept nogil:
     cdef mdl_ns *ns = &c.store.ns[nsid - 1]
     put64(b + 0, ns.nlba)                       # NSZE
@@ -223,6 +247,8 @@ cdef void mdl_identify_ns(mdl_ctrl *c, uint32_t nsid, uint8_t *b) noexcept nogil
     put32(b + 132, 12 << 16)                    # LBAF1: 4096 B, best performance
 
 
+@cython.linetrace(False)
+@cython.profile(False)
 cdef int mdl_identify(mdl_ctrl *c, mdl_cmdctx *x) noexcept nogil:
     cdef uint32_t cns = x.cmd.cdw10 & 0xFF, nsid = x.cmd.nsid, i, n = 0
     cdef uint8_t *b = c.abuf
@@ -257,6 +283,8 @@ cdef int mdl_identify(mdl_ctrl *c, mdl_cmdctx *x) noexcept nogil:
 
 # --- log pages ------------------------------------------------------------------------
 
+@cython.linetrace(False)
+@cython.profile(False)
 cdef uint32_t mdl_smart_log(mdl_ctrl *c, uint8_t *b) noexcept nogil:
     cdef uint64_t now = nvmefs_now_ns()
     cdef uint64_t secs = c.store.power_on_seconds + (now - c.start_ns) // 1000000000
@@ -280,6 +308,8 @@ cdef uint32_t mdl_smart_log(mdl_ctrl *c, uint8_t *b) noexcept nogil:
     return 512
 
 
+@cython.linetrace(False)
+@cython.profile(False)
 cdef int mdl_get_log(mdl_ctrl *c, mdl_cmdctx *x) noexcept nogil:
     cdef nvme_sqe *cmd = x.cmd
     cdef uint32_t lid = cmd.cdw10 & 0xFF, rae = (cmd.cdw10 >> 15) & 1
@@ -317,6 +347,8 @@ cdef int mdl_get_log(mdl_ctrl *c, mdl_cmdctx *x) noexcept nogil:
 
 # --- features -------------------------------------------------------------------------
 
+@cython.linetrace(False)
+@cython.profile(False)
 cdef bint mdl_io_queues_exist(mdl_ctrl *c) noexcept nogil:
     cdef uint32_t q
     for q in range(1, c.nq + 1):
@@ -325,6 +357,8 @@ cdef bint mdl_io_queues_exist(mdl_ctrl *c) noexcept nogil:
     return False
 
 
+@cython.linetrace(False)
+@cython.profile(False)
 cdef int mdl_set_features(mdl_ctrl *c, mdl_cmdctx *x) noexcept nogil:
     cdef uint32_t fid = x.cmd.cdw10 & 0xFF, dw11 = x.cmd.cdw11
     if x.cmd.cdw10 >> 31:
@@ -350,6 +384,8 @@ cdef int mdl_set_features(mdl_ctrl *c, mdl_cmdctx *x) noexcept nogil:
     return 0
 
 
+@cython.linetrace(False)
+@cython.profile(False)
 cdef int mdl_get_features(mdl_ctrl *c, mdl_cmdctx *x) noexcept nogil:
     cdef uint32_t fid = x.cmd.cdw10 & 0xFF, sel = (x.cmd.cdw10 >> 8) & 7
     if sel > 3:
@@ -374,6 +410,8 @@ cdef int mdl_get_features(mdl_ctrl *c, mdl_cmdctx *x) noexcept nogil:
 
 # --- abort, events, shadow doorbells, format -------------------------------------------
 
+@cython.linetrace(False)
+@cython.profile(False)
 cdef int mdl_abort(mdl_ctrl *c, mdl_cmdctx *x) noexcept nogil:
     cdef uint16_t sqid = x.cmd.cdw10 & 0xFFFF, cid = x.cmd.cdw10 >> 16
     cdef int i = mdl_held_find(c, sqid, cid)
@@ -394,6 +432,8 @@ cdef int mdl_abort(mdl_ctrl *c, mdl_cmdctx *x) noexcept nogil:
     return 0
 
 
+@cython.linetrace(False)
+@cython.profile(False)
 cdef int mdl_aer(mdl_ctrl *c, mdl_cmdctx *x) noexcept nogil:
     if c.aers > MDL_AERL:
         return MST_AER_LIMIT                    # no DNR, as QEMU
@@ -404,6 +444,8 @@ cdef int mdl_aer(mdl_ctrl *c, mdl_cmdctx *x) noexcept nogil:
     return MST_HELD
 
 
+@cython.linetrace(False)
+@cython.profile(False)
 cdef int mdl_dbbuf_config(mdl_ctrl *c, mdl_cmdctx *x) noexcept nogil:
     cdef uint64_t dbs = x.cmd.dptr[0], eis = x.cmd.dptr[1]
     cdef uint64_t length = (2 * (<uint64_t>c.nq + 1)) * c.stride
@@ -434,6 +476,8 @@ cdef int mdl_dbbuf_config(mdl_ctrl *c, mdl_cmdctx *x) noexcept nogil:
     return 0
 
 
+@cython.linetrace(False)
+@cython.profile(False)
 cdef int mdl_format(mdl_ctrl *c, mdl_cmdctx *x) noexcept nogil:
     cdef uint32_t nsid = x.cmd.nsid, dw10 = x.cmd.cdw10
     cdef uint32_t lbaf = dw10 & 0xF, mset = (dw10 >> 4) & 1, pi = (dw10 >> 5) & 7
@@ -460,6 +504,8 @@ cdef int mdl_format(mdl_ctrl *c, mdl_cmdctx *x) noexcept nogil:
     return 0
 
 
+@cython.linetrace(False)
+@cython.profile(False)
 cdef int mdl_admin_exec(mdl_ctrl *c, mdl_cmdctx *x) noexcept nogil:
     cdef uint8_t opc = x.cmd.opc
     if not (opc == ADM_DELETE_SQ or opc == ADM_CREATE_SQ or opc == ADM_GET_LOG

@@ -222,18 +222,28 @@ cdef struct mdl_ctrl:
     uint64_t enable_failures
 
 
+@cython.linetrace(False)
+@cython.profile(False)
 cdef inline uint32_t mdl_reg_load(mdl_ctrl *c, size_t off) noexcept nogil:
     return nvmefs_load_acquire32(<volatile uint32_t *>(c.regs + off))
 
+@cython.linetrace(False)
+@cython.profile(False)
 cdef inline void mdl_reg_store(mdl_ctrl *c, size_t off, uint32_t v) noexcept nogil:
     nvmefs_store_release32(<volatile uint32_t *>(c.regs + off), v)
 
+@cython.linetrace(False)
+@cython.profile(False)
 cdef inline uint64_t mdl_reg_load64(mdl_ctrl *c, size_t off) noexcept nogil:
     return nvmefs_load_acquire64(<volatile uint64_t *>(c.regs + off))
 
+@cython.linetrace(False)
+@cython.profile(False)
 cdef inline size_t mdl_db_off(mdl_ctrl *c, uint32_t qid, bint cq) noexcept nogil:
     return NVME_REG_DBS + (2 * qid + cq) * c.stride
 
+@cython.linetrace(False)
+@cython.profile(False)
 cdef inline void mdl_set_csts(mdl_ctrl *c, uint32_t v) noexcept nogil:
     c.csts = v
     mdl_reg_store(c, NVME_REG_CSTS, v)
@@ -241,6 +251,8 @@ cdef inline void mdl_set_csts(mdl_ctrl *c, uint32_t v) noexcept nogil:
 
 # --- completions, error log, asynchronous events -------------------------------------
 
+@cython.linetrace(False)
+@cython.profile(False)
 cdef void mdl_errlog_add(mdl_ctrl *c, uint16_t sqid, uint16_t cid, uint32_t st,
                          uint64_t lba, uint32_t nsid) noexcept nogil:
     cdef uint8_t *e
@@ -259,6 +271,8 @@ cdef void mdl_errlog_add(mdl_ctrl *c, uint16_t sqid, uint16_t cid, uint32_t st,
     memcpy(e + 24, &nsid, 4)
 
 
+@cython.linetrace(False)
+@cython.profile(False)
 cdef void mdl_count_error(mdl_ctrl *c, uint16_t sqid, uint16_t cid, uint32_t st,
                           uint64_t lba, uint32_t nsid) noexcept nogil:
     c.errors += 1
@@ -267,6 +281,8 @@ cdef void mdl_count_error(mdl_ctrl *c, uint16_t sqid, uint16_t cid, uint32_t st,
     mdl_errlog_add(c, sqid, cid, st, lba, nsid)
 
 
+@cython.linetrace(False)
+@cython.profile(False)
 cdef inline bint mdl_cq_full(mdl_cq *cq) noexcept nogil:
     cdef uint32_t nxt = cq.tail + 1
     if nxt == cq.size:
@@ -274,6 +290,8 @@ cdef inline bint mdl_cq_full(mdl_cq *cq) noexcept nogil:
     return nxt == cq.head
 
 
+@cython.linetrace(False)
+@cython.profile(False)
 cdef int mdl_post(mdl_ctrl *c, uint16_t sqid, uint16_t cid, uint32_t dw0, uint32_t st) noexcept nogil:
     """Write one CQE to the CQ of ``sqid``: body first, then the status word
     with the phase bit as a release store.  -EAGAIN when the CQ is full."""
@@ -300,6 +318,8 @@ cdef int mdl_post(mdl_ctrl *c, uint16_t sqid, uint16_t cid, uint32_t dw0, uint32
     return 0
 
 
+@cython.linetrace(False)
+@cython.profile(False)
 cdef int mdl_held_add(mdl_ctrl *c, uint8_t kind, uint16_t sqid, uint16_t cid, uint8_t opc,
                       uint32_t dw0, uint32_t st, uint64_t release_ns, uint64_t lba,
                       uint32_t nsid) noexcept nogil:
@@ -327,12 +347,16 @@ cdef int mdl_held_add(mdl_ctrl *c, uint8_t kind, uint16_t sqid, uint16_t cid, ui
     return 0
 
 
+@cython.linetrace(False)
+@cython.profile(False)
 cdef void mdl_held_remove(mdl_ctrl *c, uint32_t i) noexcept nogil:
     # keeps release order (FIFO) for completions due at the same time
     memmove(&c.held[i], &c.held[i + 1], (c.nheld - i - 1) * sizeof(mdl_held))
     c.nheld -= 1
 
 
+@cython.linetrace(False)
+@cython.profile(False)
 cdef int mdl_held_find(mdl_ctrl *c, uint16_t sqid, uint16_t cid) noexcept nogil:
     cdef uint32_t i
     for i in range(c.nheld):
@@ -341,6 +365,8 @@ cdef int mdl_held_find(mdl_ctrl *c, uint16_t sqid, uint16_t cid) noexcept nogil:
     return -1
 
 
+@cython.linetrace(False)
+@cython.profile(False)
 cdef void mdl_complete(mdl_ctrl *c, mdl_cmdctx *x, uint32_t st) noexcept nogil:
     """Post a command's completion (or hold it if its CQ is full)."""
     cdef uint32_t s = st & 0xFFFF
@@ -350,6 +376,8 @@ cdef void mdl_complete(mdl_ctrl *c, mdl_cmdctx *x, uint32_t st) noexcept nogil:
         mdl_held_add(c, HELD_POST, x.sqid, x.cmd.cid, x.cmd.opc, x.dw0, s, 1, x.lba, x.nsid)
 
 
+@cython.linetrace(False)
+@cython.profile(False)
 cdef int mdl_release_held(mdl_ctrl *c, uint64_t now) noexcept nogil:
     cdef uint32_t i = 0
     cdef int work = 0
@@ -367,6 +395,8 @@ cdef int mdl_release_held(mdl_ctrl *c, uint64_t now) noexcept nogil:
     return work
 
 
+@cython.linetrace(False)
+@cython.profile(False)
 cdef uint64_t mdl_next_release(mdl_ctrl *c) noexcept nogil:
     cdef uint32_t i
     cdef uint64_t t = 0
@@ -376,6 +406,8 @@ cdef uint64_t mdl_next_release(mdl_ctrl *c) noexcept nogil:
     return t
 
 
+@cython.linetrace(False)
+@cython.profile(False)
 cdef void mdl_aen_dispatch(mdl_ctrl *c) noexcept nogil:
     """Complete outstanding Asynchronous Event Requests with queued events."""
     cdef uint32_t i, ev
@@ -397,6 +429,8 @@ cdef void mdl_aen_dispatch(mdl_ctrl *c) noexcept nogil:
             c.aen_error_masked = 1
 
 
+@cython.linetrace(False)
+@cython.profile(False)
 cdef void mdl_aen(mdl_ctrl *c, uint8_t typ, uint8_t info, uint8_t lid) noexcept nogil:
     cdef uint32_t i, ev = typ | (<uint32_t>info << 8) | (<uint32_t>lid << 16)
     if typ == 0 and c.aen_error_masked:
@@ -412,6 +446,8 @@ cdef void mdl_aen(mdl_ctrl *c, uint8_t typ, uint8_t info, uint8_t lid) noexcept 
 
 # --- registers and reset --------------------------------------------------------
 
+@cython.linetrace(False)
+@cython.profile(False)
 cdef void mdl_zero_doorbells(mdl_ctrl *c, uint32_t qid) noexcept nogil:
     # doorbells are write-only on hardware; the model's register memory is
     # reset with the queue so a stale value never reads as a new write
@@ -423,6 +459,8 @@ cdef void mdl_zero_doorbells(mdl_ctrl *c, uint32_t qid) noexcept nogil:
     c.cq[qid].bad_last = 0
 
 
+@cython.linetrace(False)
+@cython.profile(False)
 cdef void mdl_reset(mdl_ctrl *c) noexcept nogil:
     """Controller reset (CC.EN 1 -> 0): every queue, held command, event and
     shadow doorbell forgotten; hang and fatal state cleared."""
@@ -452,6 +490,8 @@ cdef void mdl_reset(mdl_ctrl *c) noexcept nogil:
     mdl_set_csts(c, c.csts & CSTS_SHST_MASK)
 
 
+@cython.linetrace(False)
+@cython.profile(False)
 cdef void mdl_enable(mdl_ctrl *c, uint32_t cc) noexcept nogil:
     cdef uint32_t aqa = mdl_reg_load(c, NVME_REG_AQA)
     cdef uint64_t asq = mdl_reg_load64(c, NVME_REG_ASQ)
@@ -492,6 +532,8 @@ cdef void mdl_enable(mdl_ctrl *c, uint32_t cc) noexcept nogil:
     mdl_set_csts(c, (c.csts & ~CSTS_CFS) | CSTS_RDY)
 
 
+@cython.linetrace(False)
+@cython.profile(False)
 cdef void mdl_cc_changed(mdl_ctrl *c, uint32_t cc) noexcept nogil:
     cdef uint32_t old = c.cc_last
     cdef uint32_t shn = (cc >> 14) & 3, oshn = (old >> 14) & 3
@@ -512,16 +554,24 @@ cdef void mdl_cc_changed(mdl_ctrl *c, uint32_t cc) noexcept nogil:
 
 # --- doorbells ---------------------------------------------------------------------
 
+@cython.linetrace(False)
+@cython.profile(False)
 cdef inline uint32_t mdl_shadow_load(mdl_ctrl *c, uint32_t qid, bint cq) noexcept nogil:
     return nvmefs_load_acquire32(<volatile uint32_t *>(c.dbs + (2 * qid + cq) * c.stride))
 
+@cython.linetrace(False)
+@cython.profile(False)
 cdef inline void mdl_eventidx_store(mdl_ctrl *c, uint32_t qid, bint cq, uint32_t v) noexcept nogil:
     nvmefs_store_release32(<volatile uint32_t *>(c.eis + (2 * qid + cq) * c.stride), v)
 
+@cython.linetrace(False)
+@cython.profile(False)
 cdef inline void mdl_shadow_store(mdl_ctrl *c, uint32_t qid, bint cq, uint32_t v) noexcept nogil:
     nvmefs_store_release32(<volatile uint32_t *>(c.dbs + (2 * qid + cq) * c.stride), v)
 
 
+@cython.linetrace(False)
+@cython.profile(False)
 cdef int mdl_scan_doorbells(mdl_ctrl *c) noexcept nogil:
     """Pick up new SQ tails and CQ heads.  With shadow doorbells an I/O
     queue's value is whichever of the MMIO doorbell and the shadow entry
@@ -593,10 +643,14 @@ cdef int mdl_scan_doorbells(mdl_ctrl *c) noexcept nogil:
 
 # --- fault injection ----------------------------------------------------------------
 
+@cython.linetrace(False)
+@cython.profile(False)
 cdef inline bint mdl_io_has_lba(uint8_t opc) noexcept nogil:
     return opc == 0x01 or opc == 0x02 or opc == 0x05 or opc == 0x08
 
 
+@cython.linetrace(False)
+@cython.profile(False)
 cdef int mdl_fault_match(mdl_ctrl *c, bint admin, const nvme_sqe *cmd, mdl_rule *hit) noexcept nogil:
     """The action of the first rule that fires for this command (0: none)."""
     cdef int i, action = 0
@@ -632,6 +686,8 @@ cdef int mdl_fault_match(mdl_ctrl *c, bint admin, const nvme_sqe *cmd, mdl_rule 
 
 # --- the command loop ---------------------------------------------------------------
 
+@cython.linetrace(False)
+@cython.profile(False)
 cdef void mdl_dispatch(mdl_ctrl *c, uint16_t sqid, nvme_sqe *cmd) noexcept nogil:
     cdef mdl_cmdctx x
     cdef mdl_rule rule
@@ -678,6 +734,8 @@ cdef void mdl_dispatch(mdl_ctrl *c, uint16_t sqid, nvme_sqe *cmd) noexcept nogil
     mdl_complete(c, &x, st)
 
 
+@cython.linetrace(False)
+@cython.profile(False)
 cdef int mdl_process_sqs(mdl_ctrl *c) noexcept nogil:
     cdef uint32_t q, budget
     cdef int work = 0
@@ -708,6 +766,8 @@ cdef int mdl_process_sqs(mdl_ctrl *c) noexcept nogil:
     return work
 
 
+@cython.linetrace(False)
+@cython.profile(False)
 cdef void mdl_fire_irqs(mdl_ctrl *c) noexcept nogil:
     cdef uint32_t v
     for v in range(c.nvec):
@@ -717,6 +777,8 @@ cdef void mdl_fire_irqs(mdl_ctrl *c) noexcept nogil:
             mdl_eventfd_signal(c.irq_fds[v])
 
 
+@cython.linetrace(False)
+@cython.profile(False)
 cdef int mdl_step(mdl_ctrl *c) noexcept nogil:
     """One pass over registers, doorbells, timers and SQs; nonzero if
     anything happened."""
@@ -748,6 +810,8 @@ cdef int mdl_step(mdl_ctrl *c) noexcept nogil:
     return work
 
 
+@cython.linetrace(False)
+@cython.profile(False)
 cdef void *mdl_thread_main(void *arg) noexcept nogil:
     cdef mdl_ctrl *c = <mdl_ctrl *>arg
     cdef uint64_t last = nvmefs_now_ns(), now, due

@@ -57,11 +57,15 @@ cdef struct mdl_iovlist:
     uint64_t total
 
 
+@cython.linetrace(False)
+@cython.profile(False)
 cdef inline uint8_t *mdl_tr(void *arena, uint64_t iova, uint64_t length) noexcept nogil:
     # the arena object is kept alive by the ControllerModel that owns the thread
     return (<DmaArena>arena).translate(iova, length)
 
 
+@cython.linetrace(False)
+@cython.profile(False)
 cdef int mdl_iol_push(mdl_iovlist *l, uint8_t *p, uint64_t length, bint merge) noexcept nogil:
     cdef mdl_iovec *grown
     cdef uint32_t cap
@@ -85,6 +89,8 @@ cdef int mdl_iol_push(mdl_iovlist *l, uint8_t *p, uint64_t length, bint merge) n
     return 0
 
 
+@cython.linetrace(False)
+@cython.profile(False)
 cdef int mdl_map_prp(void *arena, uint64_t prp1, uint64_t prp2, uint64_t length,
                      mdl_iovlist *out) noexcept nogil:
     cdef uint64_t first, rem, n, ent, lst
@@ -139,6 +145,8 @@ cdef int mdl_map_prp(void *arena, uint64_t prp1, uint64_t prp2, uint64_t length,
                 return 0
 
 
+@cython.linetrace(False)
+@cython.profile(False)
 cdef int mdl_sgl_data(void *arena, const nvme_sgl_desc *d, uint64_t need, bint bb_ok,
                       uint8_t *scratch, mdl_iovlist *out) noexcept nogil:
     """One Data Block or Bit Bucket descriptor."""
@@ -169,10 +177,14 @@ cdef int mdl_sgl_data(void *arena, const nvme_sgl_desc *d, uint64_t need, bint b
     return MST_INTERNAL if mdl_iol_push(out, p, length, True) < 0 else 0
 
 
+@cython.linetrace(False)
+@cython.profile(False)
 cdef inline bint mdl_sgl_is_seg(uint8_t typ) noexcept nogil:
     return typ == NVME_SGL_SEGMENT or typ == NVME_SGL_LAST_SEGMENT
 
 
+@cython.linetrace(False)
+@cython.profile(False)
 cdef int mdl_map_sgl(void *arena, const nvme_sgl_desc *sgl1, uint64_t need, bint bb_ok,
                      uint8_t *scratch, mdl_iovlist *out) noexcept nogil:
     cdef nvme_sgl_desc seg = sgl1[0], d
@@ -223,6 +235,8 @@ cdef int mdl_map_sgl(void *arena, const nvme_sgl_desc *sgl1, uint64_t need, bint
     return 0 if out.total == need else MST_SGL_DATA_LEN | MST_DNR
 
 
+@cython.linetrace(False)
+@cython.profile(False)
 cdef int mdl_map_dptr(void *arena, const nvme_sqe *cmd, uint64_t length, bint to_host,
                       uint32_t sgls, uint8_t *scratch, mdl_iovlist *out) noexcept nogil:
     """Map the command's data pointer for ``length`` bytes.  ``to_host``: the
@@ -241,6 +255,8 @@ cdef int mdl_map_dptr(void *arena, const nvme_sqe *cmd, uint64_t length, bint to
                        to_host and (sgls & MDL_SGLS_BIT_BUCKET) != 0, scratch, out)
 
 
+@cython.linetrace(False)
+@cython.profile(False)
 cdef void mdl_iol_copy_out(mdl_iovlist *l, const uint8_t *src, uint64_t length) noexcept nogil:
     """Controller buffer -> host memory (Identify, log pages)."""
     cdef uint32_t i
@@ -254,6 +270,8 @@ cdef void mdl_iol_copy_out(mdl_iovlist *l, const uint8_t *src, uint64_t length) 
         length -= take
 
 
+@cython.linetrace(False)
+@cython.profile(False)
 cdef void mdl_iol_copy_in(mdl_iovlist *l, uint8_t *dst, uint64_t length) noexcept nogil:
     """Host memory -> controller buffer (Dataset Management ranges)."""
     cdef uint32_t i

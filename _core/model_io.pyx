@@ -16,12 +16,16 @@ cdef enum:
     DSM_AD = 1 << 2
 
 
+@cython.linetrace(False)
+@cython.profile(False)
 cdef inline int mdl_check_range(mdl_ns *ns, uint64_t slba, uint64_t nlb) noexcept nogil:
     if slba >= ns.nlba or nlb > ns.nlba - slba:
         return MST_LBA_RANGE | MST_DNR
     return 0
 
 
+@cython.linetrace(False)
+@cython.profile(False)
 cdef int mdl_durable(mdl_ctrl *c, bint fua) noexcept nogil:
     """After a write: with the volatile write cache off, or FUA, the data must
     be on stable storage before the completion."""
@@ -30,6 +34,8 @@ cdef int mdl_durable(mdl_ctrl *c, bint fua) noexcept nogil:
     return 0
 
 
+@cython.linetrace(False)
+@cython.profile(False)
 cdef int mdl_io_rw(mdl_ctrl *c, mdl_cmdctx *x, mdl_ns *ns) noexcept nogil:
     cdef nvme_sqe *cmd = x.cmd
     cdef uint64_t slba = cmd.cdw10 | (<uint64_t>cmd.cdw11 << 32)
@@ -69,6 +75,8 @@ cdef int mdl_io_rw(mdl_ctrl *c, mdl_cmdctx *x, mdl_ns *ns) noexcept nogil:
     return 0 if equal else MST_COMPARE_FAIL | MST_DNR
 
 
+@cython.linetrace(False)
+@cython.profile(False)
 cdef int mdl_io_write_zeroes(mdl_ctrl *c, mdl_cmdctx *x, mdl_ns *ns) noexcept nogil:
     cdef nvme_sqe *cmd = x.cmd
     cdef uint64_t slba = cmd.cdw10 | (<uint64_t>cmd.cdw11 << 32)
@@ -86,6 +94,8 @@ cdef int mdl_io_write_zeroes(mdl_ctrl *c, mdl_cmdctx *x, mdl_ns *ns) noexcept no
     return 0
 
 
+@cython.linetrace(False)
+@cython.profile(False)
 cdef int mdl_io_dsm(mdl_ctrl *c, mdl_cmdctx *x, mdl_ns *ns) noexcept nogil:
     cdef nvme_sqe *cmd = x.cmd
     cdef uint32_t nr = (cmd.cdw10 & 0xFF) + 1, i, nlb
@@ -114,6 +124,8 @@ cdef int mdl_io_dsm(mdl_ctrl *c, mdl_cmdctx *x, mdl_ns *ns) noexcept nogil:
     return 0
 
 
+@cython.linetrace(False)
+@cython.profile(False)
 cdef int mdl_io_exec(mdl_ctrl *c, mdl_cmdctx *x) noexcept nogil:
     cdef nvme_sqe *cmd = x.cmd
     cdef uint8_t opc = cmd.opc

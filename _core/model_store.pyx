@@ -90,12 +90,16 @@ cdef struct mdl_store:
     uint64_t unsafe_shutdowns
 
 
+@cython.linetrace(False)
+@cython.profile(False)
 cdef inline void mdl_ns_set_format(mdl_ns *ns, uint32_t lbaf) noexcept nogil:
     ns.lbaf = lbaf
     ns.lba_shift = 12 if lbaf == 1 else 9
     ns.nlba = ns.size >> ns.lba_shift
 
 
+@cython.linetrace(False)
+@cython.profile(False)
 cdef int mdl_store_rw(mdl_store *s, mdl_ns *ns, uint64_t off, mdl_iovec *iov, uint32_t n,
                       bint write) noexcept nogil:
     """Move the bytes of ``iov`` to (write) or from the namespace at byte
@@ -140,6 +144,8 @@ cdef int mdl_store_rw(mdl_store *s, mdl_ns *ns, uint64_t off, mdl_iovec *iov, ui
     return 0
 
 
+@cython.linetrace(False)
+@cython.profile(False)
 cdef int mdl_store_zero(mdl_store *s, mdl_ns *ns, uint64_t off, uint64_t length,
                         bint dealloc) noexcept nogil:
     """Make [off, off+length) read as zeroes; ``dealloc`` gives the space back
@@ -189,6 +195,8 @@ cdef int mdl_store_zero(mdl_store *s, mdl_ns *ns, uint64_t off, uint64_t length,
     return 0
 
 
+@cython.linetrace(False)
+@cython.profile(False)
 cdef int mdl_store_flush(mdl_store *s) noexcept nogil:
     if s.fd < 0:
         return 0
@@ -197,6 +205,8 @@ cdef int mdl_store_flush(mdl_store *s) noexcept nogil:
     return 0
 
 
+@cython.linetrace(False)
+@cython.profile(False)
 cdef int mdl_store_compare(mdl_store *s, mdl_ns *ns, uint64_t off, const mdl_iovec *iov,
                            uint32_t n, bint *equal) noexcept nogil:
     """Compare the host buffers with the namespace from ``off``.  0 or -errno."""
@@ -235,6 +245,8 @@ cdef int mdl_store_compare(mdl_store *s, mdl_ns *ns, uint64_t off, const mdl_iov
     return 0
 
 
+@cython.linetrace(False)
+@cython.profile(False)
 cdef int mdl_store_set_format(mdl_store *s, uint32_t nsi, uint32_t lbaf) noexcept nogil:
     """Switch a namespace's LBA format and record it in the image header."""
     cdef uint32_t v = lbaf
