@@ -67,12 +67,19 @@ def with_controller(args, fn):
     from nvmefs.mount import UsageError, check_image, default_image
     from nvmefs.transport import ModelTransport
 
-    image = args.image or default_image()
-    check_image(image, 0, 512, create=False)
-    try:
-        t = ModelTransport(image, create=False)
-    except (OSError, ValueError) as exc:
-        raise UsageError(f"cannot open image {image}: {exc}") from None
+    if getattr(args, "device", None):
+        from nvmefs.vfio import open_transport
+        try:
+            t = open_transport(args.device)
+        except (OSError, ValueError) as exc:
+            raise UsageError(f"cannot open device {args.device}: {exc}") from None
+    else:
+        image = args.image or default_image()
+        check_image(image, 0, 512, create=False)
+        try:
+            t = ModelTransport(image, create=False)
+        except (OSError, ValueError) as exc:
+            raise UsageError(f"cannot open image {image}: {exc}") from None
 
     async def main():
         async with open_controller(t, io_queues=1) as ctrl:
@@ -289,8 +296,14 @@ def build_parser():
     ap.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
     sub = ap.add_subparsers(dest="command", metavar="COMMAND")
 
+    def device_opt(p):
+        p.add_argument("--device", metavar="vfio:BDF",
+                       help="a PCIe NVMe controller bound to vfio-pci, e.g. vfio:0000:03:00.0 "
+                            "(instead of the built-in controller on --image)")
+
     def image_opt(p):
         p.add_argument("--image", metavar="PATH", help="controller image (default: the default image)")
+        device_opt(p)
         p.add_argument("-o", "--output-format", dest="output", choices=("normal", "json"), default="normal",
                        help="output format")
         p.add_argument("--json", dest="output", action="store_const", const="json", help="same as -o json")
@@ -299,6 +312,7 @@ def build_parser():
                        description="Mount the controller's namespaces as files nvme0n1, nvme0n2, ... "
                                    "Runs in the foreground until unmounted or interrupted.")
     p.add_argument("mountpoint", metavar="MOUNTPOINT", help="an existing empty directory")
+    device_opt(p)
     p.add_argument("--image", metavar="PATH", help="sparse image file (created if missing; "
                                                    "default ~/.local/share/nvmefs/nvme0.img)")
     p.add_argument("--size", type=parse_size, default=1 << 30, help="size of a new image (default 1G)")

@@ -136,6 +136,9 @@ def run_mount(args):
     args.mountpoint = os.path.abspath(args.mountpoint)
     check_mountpoint(args.mountpoint)
     check_fuse()
+    if args.device:
+        from nvmefs.vfio import run_mount_device
+        return run_mount_device(args)
     image = args.image or default_image()
     create = check_image(image, args.size, args.lba_size, create=True)
     if args.background and not args.ready_fd:
