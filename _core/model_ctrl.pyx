@@ -572,72 +572,63 @@ cdef inline void mdl_shadow_store(mdl_ctrl *c, uint32_t qid, bint cq, uint32_t v
 
 @cython.linetrace(False)
 @cython.profile(False)
+cdef inline int mdl_doorbell(mdl_ctrl *c, uint32_t q, bint is_cq, bint valid, uint32_t size,
+                             uint32_t *cur, uint32_t *db_last, uint32_t *sh_last,
+                             uint32_t *bad_last) noexcept nogil:
+    """One doorbell (an SQ tail or a CQ head): move ``*cur`` to a new valid
+    value, or report a bad write once with an error event.  Nonzero if
+    anything happened."""
+    cdef uint32_t v = mdl_reg_load(c, mdl_db_off(c, q, is_cq)), cand
+    if not valid:
+        if v == db_last[0]:
+            return 0
+        db_last[0] = v
+        c.invalid_doorbells += 1
+        mdl_aen(c, 0, 0x00, 0x01)                 # Write to Invalid Doorbell Register
+        return 1
+    cand = cur[0]
+    if v != db_last[0]:
+        db_last[0] = v
+        cand = v
+    elif c.dbbuf and q:
+        v = mdl_shadow_load(c, q, is_cq)
+        if v != sh_last[0]:
+            sh_last[0] = v
+            cand = v
+    if cand == cur[0]:
+        return 0
+    if cand >= size:
+        if bad_last[0] == cand + 1:
+            return 0
+        bad_last[0] = cand + 1
+        c.invalid_doorbells += 1
+        mdl_aen(c, 0, 0x01, 0x01)                 # Invalid Doorbell Write Value
+        return 1
+    cur[0] = cand
+    return 1
+
+
+@cython.linetrace(False)
+@cython.profile(False)
 cdef int mdl_scan_doorbells(mdl_ctrl *c) noexcept nogil:
     """Pick up new SQ tails and CQ heads.  With shadow doorbells an I/O
     queue's value is whichever of the MMIO doorbell and the shadow entry
     changed last (a host may write the shadow alone, or both); the admin
     queue always uses MMIO, as Linux does."""
-    cdef uint32_t q, v, cand
+    cdef uint32_t q, head
     cdef int work = 0
     cdef mdl_sq *sq
     cdef mdl_cq *cq
     for q in range(c.nq + 1):
         sq = &c.sq[q]
-        v = mdl_reg_load(c, mdl_db_off(c, q, 0))
-        if sq.valid:
-            cand = sq.tail
-            if v != sq.db_last:
-                sq.db_last = v
-                cand = v
-            elif c.dbbuf and q:
-                v = mdl_shadow_load(c, q, 0)
-                if v != sq.sh_last:
-                    sq.sh_last = v
-                    cand = v
-            if cand != sq.tail:
-                if cand >= sq.size:
-                    if sq.bad_last != cand + 1:
-                        sq.bad_last = cand + 1
-                        c.invalid_doorbells += 1
-                        mdl_aen(c, 0, 0x01, 0x01)     # Invalid Doorbell Write Value
-                        work = 1
-                else:
-                    sq.tail = cand
-                    work = 1
-        elif v != sq.db_last:
-            sq.db_last = v
-            c.invalid_doorbells += 1
-            mdl_aen(c, 0, 0x00, 0x01)                 # Write to Invalid Doorbell Register
-            work = 1
+        work |= mdl_doorbell(c, q, 0, sq.valid, sq.size, &sq.tail, &sq.db_last, &sq.sh_last,
+                             &sq.bad_last)
         cq = &c.cq[q]
-        v = mdl_reg_load(c, mdl_db_off(c, q, 1))
-        if cq.valid:
-            cand = cq.head
-            if v != cq.db_last:
-                cq.db_last = v
-                cand = v
-            elif c.dbbuf and q:
-                v = mdl_shadow_load(c, q, 1)
-                if v != cq.sh_last:
-                    cq.sh_last = v
-                    cand = v
-            if cand != cq.head:
-                if cand >= cq.size:
-                    if cq.bad_last != cand + 1:
-                        cq.bad_last = cand + 1
-                        c.invalid_doorbells += 1
-                        mdl_aen(c, 0, 0x01, 0x01)
-                        work = 1
-                else:
-                    cq.head = cand
-                    work = 1
-                    if c.dbbuf and q:
-                        mdl_eventidx_store(c, q, 1, cand)
-        elif v != cq.db_last:
-            cq.db_last = v
-            c.invalid_doorbells += 1
-            mdl_aen(c, 0, 0x00, 0x01)
-            work = 1
+        head = cq.head
+        work |= mdl_doorbell(c, q, 1, cq.valid, cq.size, &cq.head, &cq.db_last, &cq.sh_last,
+                             &cq.bad_last)
+        if cq.head != head and c.dbbuf and q:
+            mdl_eventidx_store(c, q, 1, cq.head)
     return work
 
 
