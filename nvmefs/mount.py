@@ -159,6 +159,11 @@ def run_mount(args):
         if isinstance(exc, (OSError, ValueError, OverflowError)):
             raise UsageError(f"cannot open image {image}: {exc}") from None
         raise
+    return serve_transport(args, transport)
+
+
+def serve_transport(args, transport):
+    """Serve until unmounted, then close the transport (any transport)."""
     try:
         trio.run(serve, args, transport, args.ready_fd)
     except Exception as exc:

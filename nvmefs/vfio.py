@@ -101,12 +101,8 @@ def arena_for(io_queues, bounce_bytes=16 << 20):
 def run_mount_device(args):
     """``nvmefs mount --device vfio:BDF MOUNTPOINT``: mount.run_mount hands
     over here when --device is given (no image to check or create)."""
-    import sys
-
-    import trio
-
     from nvmefs.controller import usable_cpus
-    from nvmefs.mount import UsageError, serve, spawn_background
+    from nvmefs.mount import UsageError, serve_transport, spawn_background
 
     if args.background and not args.ready_fd:
         return spawn_background(args)
@@ -114,15 +110,4 @@ def run_mount_device(args):
         transport = open_transport(args.device, arena_size=arena_for(args.queues or usable_cpus()))
     except (OSError, ValueError) as exc:
         raise UsageError(f"cannot open device {args.device}: {exc}") from None
-    try:
-        trio.run(serve, args, transport, args.ready_fd)
-    except Exception as exc:
-        from nvmefs.cli import unwrap
-        exc = unwrap(exc)
-        if isinstance(exc, RuntimeError):     # pyfuse3.init failures
-            print(f"nvmefs: error: cannot mount on {args.mountpoint}: {exc}", file=sys.stderr)
-            return 1
-        raise exc from None
-    finally:
-        transport.close()
-    return 0
+    return serve_transport(args, transport)
