@@ -267,12 +267,14 @@ async def test_cancelled_waiter_keeps_bounce_chunks_until_completion(make_transp
 
 async def test_hybrid_polling_catches_qd1_completions(make_transport):
     t = make_transport()
-    async with open_controller(t, io_queues=1, spin_us=2000) as c:
+    # a window far above the model's service time (~2 us), so that even a
+    # loaded machine that deschedules the model thread is caught by polling
+    async with open_controller(t, io_queues=1, spin_us=50_000) as c:
         ns = c.namespaces[1]
         for i in range(200):
             await ns.read(i, 1)
         st = c.io_qs[0].stats()
-        assert st["polled_completions"] > 100
+        assert st["polled_completions"] >= 180
     async with open_controller(make_transport(), io_queues=1, spin_us=0) as c:
         for i in range(50):
             await c.namespaces[1].read(i, 1)
