@@ -190,12 +190,23 @@ def cmd_format(args):
 
     async def fn(c):
         from nvmefs.controller import ADM_FORMAT
+        from nvmefs.progress import Progress
         import trio
-        print(f"formatting namespace {args.namespace_id} to {args.lba_size}-byte LBAs"
-              f"{' with user data erase' if args.erase else ''} ...", flush=True)
-        with trio.fail_after(600):
-            await c.admin(ADM_FORMAT, nsid=args.namespace_id, cdw10=lbaf | ((1 if args.erase else 0) << 9),
-                          timeout=600)
+        ns = c.namespaces.get(args.namespace_id)
+        if ns is None:
+            raise LookupError(f"namespace {args.namespace_id} does not exist (have {sorted(c.namespaces)})")
+        label = (f"formatting nvme0n{args.namespace_id} ({human(ns.size)}) to {args.lba_size}-byte LBAs"
+                 + (" with user data erase" if args.erase else ""))
+        with Progress(label) as bar:
+            async with trio.open_nursery() as nursery:
+                async def tick():
+                    while True:
+                        await trio.sleep(0.2)
+                        bar.render()
+                nursery.start_soon(tick)
+                await c.admin(ADM_FORMAT, nsid=args.namespace_id,
+                              cdw10=lbaf | ((1 if args.erase else 0) << 9), timeout=600)
+                nursery.cancel_scope.cancel()
         return {"namespace": args.namespace_id, "lba_size": args.lba_size, "erased": args.erase}
     emit(args, with_controller(args, fn), lambda d: "format complete")
     return 0
@@ -210,8 +221,26 @@ def cmd_create_image(args):
         raise UsageError(f"size {args.size} is not a multiple of the LBA size {args.lba_size}")
     per = args.size // args.namespaces // args.lba_size * args.lba_size
     _core.create_image(args.image, tuple((per, args.lba_size) for _ in range(args.namespaces)))
+    if args.preallocate:
+        from nvmefs.progress import Progress
+        header = _core.read_image_header(args.image)
+        step = 64 << 20
+        try:
+            fd = os.open(args.image, os.O_RDWR)
+            try:
+                with Progress(f"preallocating {args.image}", total=per * args.namespaces) as bar:
+                    for ns in header["namespaces"]:
+                        for off in range(0, ns["size"], step):
+                            n = min(step, ns["size"] - off)
+                            os.posix_fallocate(fd, ns["offset"] + off, n)
+                            bar.advance(n)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            os.unlink(args.image)     # a half-allocated image is worse than none
+            raise UsageError(f"cannot preallocate {args.image}: {exc.strerror}") from None
     print(f"created {args.image}: {args.namespaces} namespace(s) of {human(per)}, "
-          f"{args.lba_size}-byte LBAs (sparse)")
+          f"{args.lba_size}-byte LBAs ({'preallocated' if args.preallocate else 'sparse'})")
     return 0
 
 
@@ -369,6 +398,8 @@ def build_parser():
     p.add_argument("--size", type=parse_size, default=1 << 30)
     p.add_argument("--lba-size", type=int, choices=(512, 4096), default=512)
     p.add_argument("--namespaces", type=positive, default=1)
+    p.add_argument("--preallocate", action="store_true",
+                   help="allocate every block now (with a progress bar) instead of a sparse file")
     p.set_defaults(func=cmd_create_image)
     p = sub.add_parser("stats", help="live per-queue counters of a running mount")
     p.add_argument("mountpoint", metavar="MOUNTPOINT")

@@ -297,3 +297,14 @@ def test_bad_options_create_nothing(paths, tmp_path):
         assert r.returncode == 2 and needle in r.stderr, (args, r.stderr)
         assert len(r.stderr.strip().splitlines()) == 1
         assert not os.path.exists(img)
+
+
+def test_create_image_preallocate(tmp_path):
+    sparse, full = str(tmp_path / "s.img"), str(tmp_path / "f.img")
+    assert run_cli("create-image", sparse, "--size", "32M").returncode == 0
+    r = run_cli("create-image", full, "--size", "32M", "--preallocate")
+    assert r.returncode == 0 and "preallocated" in r.stdout, r.stderr
+    assert os.stat(sparse).st_blocks * 512 < 4 * MiB
+    assert os.stat(full).st_blocks * 512 >= 32 * MiB
+    r = run_cli("list", "--image", full, "--json")
+    assert json.loads(r.stdout)[0]["size"] == 32 * MiB
