@@ -70,6 +70,14 @@ cdef class QueuePair:
     cdef bint test_doorbell_first      # deliberately defective ordering, tests only
     cdef volatile uint32_t *idle_flag  # set by a device that sleeps when idle (the model)
     cdef int kick_fd
+    # shadow doorbells (Doorbell Buffer Config): NULL when not in use
+    cdef volatile uint32_t *sh_sq
+    cdef volatile uint32_t *sh_cq
+    cdef volatile uint32_t *ei_sq
+    cdef volatile uint32_t *ei_cq
+    cdef bint sh_always_ring
+    cdef object sh_keep
+    cdef readonly uint64_t shadow_skips
 
     def __cinit__(self, DmaArena arena not None, RegisterFile regs not None, uint16_t qid,
                   uint32_t entries, uint32_t dstrd=0, uint32_t max_transfer=DEFAULT_MAX_TRANSFER,
@@ -79,6 +87,7 @@ cdef class QueuePair:
         self.py_segs = NULL
         self.idle_flag = NULL
         self.kick_fd = -1
+        self.sh_sq = self.sh_cq = self.ei_sq = self.ei_cq = NULL
         if entries < 2 or entries > 65536:
             raise ValueError(f"queue size {entries} outside 2..65536")
         if regs.doorbell(qid, 1, dstrd) + 1 > <volatile uint32_t *>(regs.base + regs.size):
@@ -210,11 +219,35 @@ cdef class QueuePair:
             nvmefs_store_release32(<volatile uint32_t *>&dst[k], src[k])
 
     cdef inline void ring_sq(self) noexcept nogil:
+        cdef uint32_t old
         if self.sq_tail != self.sq_tail_rung:
+            old = self.sq_tail_rung
             self.sq_tail_rung = self.sq_tail
-            nvmefs_doorbell_write(self.sq_db, self.sq_tail)
-            self.doorbell_writes += 1
+            if self.sh_sq != NULL:
+                if self.shadow_publish(self.sh_sq, self.ei_sq, self.sq_tail, old):
+                    nvmefs_doorbell_write(self.sq_db, self.sq_tail)
+                    self.doorbell_writes += 1
+                else:
+                    self.shadow_skips += 1
+            else:
+                nvmefs_doorbell_write(self.sq_db, self.sq_tail)
+                self.doorbell_writes += 1
             self.notify()
+
+    cdef inline bint shadow_publish(self, volatile uint32_t *shadow, volatile uint32_t *eventidx,
+                                    uint32_t value, uint32_t old) noexcept nogil:
+        """Store the new doorbell value in the shadow page; True when the MMIO
+        doorbell must be written too (Linux nvme_dbbuf_update_and_check_event:
+        entry visible before the shadow value, full fence, then the
+        controller's event index decides)."""
+        cdef uint16_t ev
+        nvmefs_wmb()
+        nvmefs_store_release32(shadow, value)
+        nvmefs_mb()
+        if self.sh_always_ring:
+            return True
+        ev = <uint16_t>nvmefs_load_acquire32(eventidx)
+        return <uint16_t>(<uint16_t>value - ev - 1) < <uint16_t>(<uint16_t>value - <uint16_t>old)
 
     cdef inline void notify(self) noexcept nogil:
         # A device that sleeps when idle (the software model) publishes an
@@ -238,6 +271,7 @@ cdef class QueuePair:
         cdef nvme_cqe c
         cdef int idx
         cdef nvme_tracker *t
+        cdef uint32_t cq_old = self.cq_head
         while max_n == 0 or n < max_n:
             e = &self.cq[self.cq_head]
             if (nvmefs_load_acquire16(&e.status) & 1) != self.phase:
@@ -269,8 +303,11 @@ cdef class QueuePair:
             self.cids.release(idx)
             n += 1
         if consumed:
-            nvmefs_doorbell_write(self.cq_db, self.cq_head)
-            self.cq_doorbell_writes += 1
+            if self.sh_cq == NULL or self.shadow_publish(self.sh_cq, self.ei_cq, self.cq_head, cq_old):
+                nvmefs_doorbell_write(self.cq_db, self.cq_head)
+                self.cq_doorbell_writes += 1
+            else:
+                self.shadow_skips += 1
             self.notify()
         self.completed += n
         return n
@@ -383,6 +420,25 @@ cdef class QueuePair:
         self.idle_flag = <volatile uint32_t *>idle_flag_address
         self.kick_fd = kick_fd
 
+    def set_shadow(self, DmaBuffer shadow not None, DmaBuffer eventidx not None, uint32_t dstrd=0,
+                   bint always_ring=False):
+        """Use shadow doorbells in ``shadow`` / ``eventidx`` (the two pages
+        given to Doorbell Buffer Config).  ``always_ring``: keep writing the
+        MMIO doorbell too (the admin queue, which Linux leaves on MMIO but
+        some controllers also read from the shadow page)."""
+        cdef size_t stride = <size_t>4 << dstrd
+        cdef size_t sq_off = 2 * self.qid * stride, cq_off = (2 * self.qid + 1) * stride
+        if cq_off + 4 > shadow.size or cq_off + 4 > eventidx.size:
+            raise ValueError(f"queue {self.qid}: its shadow doorbells lie outside the buffer pages")
+        self.sh_keep = (shadow, eventidx)
+        self.sh_sq = <volatile uint32_t *>(shadow.vaddr + sq_off)
+        self.sh_cq = <volatile uint32_t *>(shadow.vaddr + cq_off)
+        self.ei_sq = <volatile uint32_t *>(eventidx.vaddr + sq_off)
+        self.ei_cq = <volatile uint32_t *>(eventidx.vaddr + cq_off)
+        self.sh_always_ring = always_ring
+        nvmefs_store_release32(self.sh_sq, self.sq_tail_rung)
+        nvmefs_store_release32(self.sh_cq, self.cq_head)
+
     def _set_doorbell_first(self, bint on):
         self.test_doorbell_first = on
 
@@ -393,6 +449,7 @@ cdef class QueuePair:
             "sq_full_waits": self.sq_full_events, "cid_exhausted": self.cids.exhausted,
             "doorbells": self.doorbell_writes, "cq_doorbells": self.cq_doorbell_writes,
             "prp": self.prp_commands, "sgl": self.sgl_commands, "errors": self.errors,
+            "shadow_skips": self.shadow_skips,
             "stale_completions": self.cids.stale_completions + self.wrong_sqid,
             "bad_sqhd": self.bad_sqhd,
         }

@@ -31,6 +31,8 @@ CSTS_SHST_MASK, CSTS_SHST_DONE = 0xC, 0x8
 
 ADM_DELETE_SQ, ADM_CREATE_SQ, ADM_GET_LOG, ADM_DELETE_CQ, ADM_CREATE_CQ = 0x00, 0x01, 0x02, 0x04, 0x05
 ADM_IDENTIFY, ADM_ABORT, ADM_SET_FEATURES, ADM_GET_FEATURES, ADM_FORMAT = 0x06, 0x08, 0x09, 0x0A, 0x80
+ADM_DBBUF = 0x7C
+OACS_DBBUF = 1 << 8
 FEAT_VWC, FEAT_NUM_QUEUES = 0x06, 0x07
 
 
@@ -76,7 +78,7 @@ class Controller:
 
     def __init__(self, transport, nursery, *, io_queues=None, queue_entries=256, admin_entries=64,
                  polled=False, timeout=10.0, admin_timeout=10.0, retries=3, max_transfer=None,
-                 bounce_bytes=16 << 20, spin_us=30):
+                 bounce_bytes=16 << 20, spin_us=30, shadow_doorbells=None):
         self.transport = transport
         self.nursery = nursery
         self.want_queues = io_queues or usable_cpus()
@@ -89,6 +91,10 @@ class Controller:
         self.max_transfer_cap = max_transfer
         self.bounce_bytes = bounce_bytes
         self.spin_ns = int(spin_us * 1000)
+        # None: use them where the transport says MMIO doorbells are costly (VFIO)
+        self.shadow_doorbells = shadow_doorbells
+        self._dbbuf = None
+        self.dbbuf_active = False
         self.admin_q = None
         self.io_qs = []
         self.namespaces = {}
@@ -156,6 +162,8 @@ class Controller:
         self.max_transfer = min(self.max_transfer, self.bounce_bytes)
         self.sgls = self.id_ctrl["sgls"]
 
+        await self._setup_dbbuf()
+
         n = min(self.want_queues, t.max_vectors() - 1)
         dw0, _ = await self.admin(ADM_SET_FEATURES, cdw10=FEAT_NUM_QUEUES, cdw11=(n - 1) | ((n - 1) << 16))
         n = min(n, (dw0 & 0xFFFF) + 1, (dw0 >> 16) + 1)
@@ -169,6 +177,8 @@ class Controller:
                              cdw11=1 | (ien << 1) | (qid << 16), prp1=q.qp.cq_iova)
             await self.admin(ADM_CREATE_SQ, cdw10=qid | ((entries - 1) << 16),
                              cdw11=1 | (qid << 16), prp1=q.qp.sq_iova)
+            if self.dbbuf_active:
+                q.qp.set_shadow(*self._dbbuf, self.dstrd)
             await self.nursery.start(q.run)
             self.io_qs.append(q)
 
@@ -188,6 +198,27 @@ class Controller:
             del self.namespaces[gone]
         self.generation += 1
         self.ready.set()
+
+    async def _setup_dbbuf(self):
+        """Doorbell Buffer Config: I/O queues publish tails and heads in a
+        shadow page and write MMIO only when the controller's event index
+        asks for it -- each MMIO write is a VM exit on an emulated controller.
+        The admin queue stays on MMIO (as in Linux) but also keeps its
+        shadow entries current, for controllers that read them."""
+        want = self.shadow_doorbells
+        if want is None:
+            want = getattr(self.transport, "prefers_shadow_doorbells", False)
+        self.dbbuf_active = False
+        if not want or not self.id_ctrl["oacs"] & OACS_DBBUF:
+            return
+        if self._dbbuf is None:
+            self._dbbuf = (self.transport.arena.alloc(4096), self.transport.arena.alloc(4096))
+        for page in self._dbbuf:
+            memoryview(page)[:] = bytes(4096)
+        shadow, eventidx = self._dbbuf
+        await self.admin(ADM_DBBUF, prp1=shadow.iova, prp2=eventidx.iova)
+        self.admin_q.qp.set_shadow(shadow, eventidx, self.dstrd, always_ring=True)
+        self.dbbuf_active = True
 
     # -- commands ----------------------------------------------------------------
 

@@ -20,6 +20,7 @@ class Transport:
     arena: "_core.DmaArena"
     regs: "_core.RegisterFile"
     name: str = "?"
+    prefers_shadow_doorbells = False    # MMIO doorbells are cheap (plain memory for the model)
 
     def read32(self, off):
         return self.regs.read32(off)

@@ -19,6 +19,10 @@ DEFAULT_VECTORS = 65       # admin + 64 I/O queues; QEMU's default msix_qsize
 class VfioTransport(Transport):
     """``VfioTransport("0000:03:00.0", arena_size=128 MiB, vectors=65)``."""
 
+    # an MMIO doorbell write traps to the hypervisor on emulated/virtual
+    # controllers: use Doorbell Buffer Config when the controller offers it
+    prefers_shadow_doorbells = True
+
     def __init__(self, bdf, *, arena_size=DEFAULT_ARENA, vectors=DEFAULT_VECTORS, sysfs="/sys"):
         self.dev = None
         self.dev = _core.VfioDevice(bdf, sysfs)
