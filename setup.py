@@ -39,9 +39,32 @@ ext = Extension(
     extra_link_args=["-pthread"],
 )
 
+
+def pkg_config(flag, default):
+    import shlex
+    import subprocess
+    try:
+        out = subprocess.run(["pkg-config", flag, "fuse3"], check=True, capture_output=True, text=True)
+        return shlex.split(out.stdout)
+    except (OSError, subprocess.CalledProcessError):
+        return default
+
+
+# Separate from _core: it links libfuse and is loaded RTLD_GLOBAL (see
+# _core/fuseshim/fuse_shim.h), which the driver core has no business being.
+fuse_cflags = pkg_config("--cflags", ["-I/usr/include/fuse3"])
+fuseshim = Extension(
+    "nvmefs._fuseshim",
+    sources=[os.path.join("_core", "fuseshim", "_fuseshim.pyx"),
+             os.path.join("_core", "fuseshim", "fuse_shim.c")],
+    include_dirs=[os.path.join("_core", "fuseshim")] + [f[2:] for f in fuse_cflags if f.startswith("-I")],
+    extra_compile_args=["-O2", "-std=gnu11"] + [f for f in fuse_cflags if not f.startswith("-I")],
+    extra_link_args=pkg_config("--libs", ["-lfuse3"]) + ["-ldl"],
+)
+
 setup(
     ext_modules=cythonize(
-        [ext],
+        [ext, fuseshim],
         include_path=[INCLUDE, "_core"],
         compiler_directives=directives,
         # a changed build mode must regenerate the C file

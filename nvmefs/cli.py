@@ -259,6 +259,10 @@ def cmd_stats(args):
                " ".join(f"{c:>13}" for c in cols)]
         for q in d["queues"]:
             out.append(" ".join(f"{q.get(c, 0):>13}" for c in cols))
+        fa = d.get("fallocate")
+        if fa:
+            out.append(f"fallocate: {fa['punch']} punch-hole, {fa['zero']} zero-range, "
+                       f"{fa['refused']} refused" + ("" if fa["hooked"] else " (not available on this mount)"))
         if d["errors_by_status"]:
             out.append("errors by status: " + ", ".join(f"{k} {v}" for k, v in d["errors_by_status"].items()))
         return "\n".join(out)

@@ -63,6 +63,7 @@ def parse_identify_namespace(raw):
         lbafs.append({"ms": dw & 0xFFFF, "lbads": (dw >> 16) & 0xFF, "rp": (dw >> 24) & 3})
     fmt = flbas & 0xF
     return {"nsze": nsze, "ncap": ncap, "nuse": nuse, "nsfeat": raw[24], "nlbaf": nlbaf,
+            "dlfeat": raw[33],
             "flbas": flbas, "lbafs": lbafs, "lba_size": 1 << lbafs[fmt]["lbads"], "format": fmt}
 
 

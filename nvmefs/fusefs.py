@@ -12,14 +12,19 @@ import os
 import stat
 import time
 
+from nvmefs import fuseshim
 import pyfuse3
 import trio
 
 from nvmefs.errors import ControllerError, NvmeError
+from nvmefs.namespace import ONCS_DSM, ONCS_WRITE_ZEROES
 
 log = logging.getLogger("nvmefs.fuse")
 
 ROOT = pyfuse3.ROOT_INODE
+
+FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE = 0x01, 0x02, 0x10
+ZERO_CHUNK = 1 << 20
 
 
 class RangeLock:
@@ -54,6 +59,8 @@ class NvmeFS(pyfuse3.Operations):
         self.mtime = {}
         self.started = time.time_ns()
         self.errors = 0
+        self.nursery = None         # where fallocate requests run (set by serve)
+        self.fallocates = {"punch": 0, "zero": 0, "refused": 0}
 
     # -- names and attributes --------------------------------------------------
 
@@ -196,6 +203,94 @@ class NvmeFS(pyfuse3.Operations):
         self.mtime[fh] = time.time_ns()
         return n
 
+    # -- fallocate: reached through nvmefs._fuseshim (pyfuse3 has no handler) --
+
+    def fallocate_request(self, req, ino, mode, off, length, fh):
+        """Called from libfuse's dispatch in the trio thread: start the work
+        in a task and answer the request from it, exactly once."""
+        if self.nursery is None:
+            fuseshim.reply_err(req, errno.EOPNOTSUPP)
+            return
+        self.nursery.start_soon(self._fallocate_task, req, fh, mode, off, length)
+
+    async def _fallocate_task(self, req, fh, mode, off, length):
+        err = errno.EINTR           # cancelled: the shutdown gave up waiting on it
+        try:
+            await self.fallocate(fh, mode, off, length)
+            err = 0
+        except pyfuse3.FUSEError as exc:
+            err = exc.errno
+        except Exception:
+            log.exception("fallocate(mode=%#x, %d+%d) failed", mode, off, length)
+            err = errno.EIO
+        finally:
+            fuseshim.reply_err(req, err)
+
+    async def fallocate(self, fh, mode, off, length):
+        """PUNCH_HOLE|KEEP_SIZE deallocates, ZERO_RANGE writes zeroes; the
+        partial LBAs at unaligned edges are zeroed by read-modify-write.
+        Other modes (plain allocation included: every block of a namespace
+        already exists) get EOPNOTSUPP, as from a block device."""
+        ns = self._ns(fh)
+        punch = mode == FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
+        if not punch and mode & ~FALLOC_FL_KEEP_SIZE != FALLOC_FL_ZERO_RANGE:
+            self.fallocates["refused"] += 1
+            raise pyfuse3.FUSEError(errno.EOPNOTSUPP)
+        if off < 0 or length <= 0:
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        end = off + length
+        if end > ns.size:
+            if not mode & FALLOC_FL_KEEP_SIZE:
+                raise pyfuse3.FUSEError(errno.ENOSPC)    # it would grow the file
+            end = ns.size
+        if off >= end:
+            return
+        bs = ns.lba_size
+        first, last = off // bs, (end + bs - 1) // bs
+        whole_a, whole_b = -(-off // bs), end // bs      # the LBAs covered entirely
+        lock = self.locks.setdefault(ns.nsid, RangeLock())
+        await lock.acquire(first, last)
+        try:
+            if whole_a >= whole_b:
+                await self._zero_bytes(ns, off, end)
+            else:
+                if off < whole_a * bs:
+                    await self._zero_bytes(ns, off, whole_a * bs)
+                if end > whole_b * bs:
+                    await self._zero_bytes(ns, whole_b * bs, end)
+                await self._zero_lbas(ns, whole_a, whole_b - whole_a, deallocate=punch)
+        except (NvmeError, ControllerError) as exc:
+            raise self._io_error(ns, f"fallocate(mode={mode:#x}) at {off}+{length}", exc) from None
+        finally:
+            lock.release(first, last)
+        self.fallocates["punch" if punch else "zero"] += 1
+        self.mtime[fh] = time.time_ns()
+
+    async def _zero_bytes(self, ns, start, stop):
+        """Zero bytes [start, stop) that lie in at most two LBAs (caller holds
+        the range lock)."""
+        bs = ns.lba_size
+        a, b = start // bs, (stop + bs - 1) // bs
+        data = await ns.read(a, b - a)
+        data[start - a * bs:stop - a * bs] = bytes(stop - start)
+        await ns.write(a, data)
+
+    async def _zero_lbas(self, ns, lba, count, *, deallocate):
+        if deallocate and ns.supports(ONCS_DSM) and ns.deallocate_reads_zero:
+            await ns.deallocate([(lba, count)])
+        elif ns.supports(ONCS_WRITE_ZEROES):
+            # DEAC lets the controller deallocate too; reads return zeroes
+            # either way (Write Zeroes guarantees it)
+            await ns.write_zeroes(lba, count, deallocate=deallocate)
+        else:
+            per = max(1, ZERO_CHUNK // ns.lba_size)
+            zeros = bytes(per * ns.lba_size)
+            while count:
+                n = min(per, count)
+                await ns.write(lba, memoryview(zeros)[:n * ns.lba_size])
+                lba += n
+                count -= n
+
     async def _flush(self, fh):
         ns = self._ns(fh)
         try:
@@ -222,6 +317,7 @@ class NvmeFS(pyfuse3.Operations):
             import json
             st = self.ctrl.stats()
             st["fuse_errors"] = self.errors
+            st["fallocate"] = dict(self.fallocates, hooked=fuseshim.sessions_hooked() > 0)
             st["namespaces"] = {self._name(n).decode(): {"lba_size": ns.lba_size, "size": ns.size,
                                                          "retried": ns.retried}
                                 for n, ns in self.ctrl.namespaces.items()}

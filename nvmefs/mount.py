@@ -14,6 +14,7 @@ import signal
 import stat
 import sys
 
+from nvmefs import fuseshim  # noqa: F401  (before pyfuse3 binds libfuse: adds fallocate)
 import pyfuse3
 import trio
 
@@ -86,7 +87,12 @@ async def serve(args, transport, ready_fd=None):
         options |= {"fsname=nvmefs", "subtype=nvmefs"}
         if os.getuid() == 0:
             options.add("allow_other")
+        fuseshim.set_fallocate_handler(fs.fallocate_request)
+        hooked = fuseshim.sessions_hooked()
         pyfuse3.init(fs, args.mountpoint, options)
+        if fuseshim.sessions_hooked() == hooked:
+            log.warning("fallocate is not available on this mount: libfuse was bound before "
+                        "nvmefs.fuseshim was loaded")
         state = {"unmounted": False}
         try:
             names = [f"{args.mountpoint.rstrip('/')}/{fs._name(n).decode()}" for n in sorted(ctrl.namespaces)]
@@ -99,35 +105,50 @@ async def serve(args, transport, ready_fd=None):
             # logged and ignored and can never interrupt the NVMe shutdown.
             for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
                 signal.signal(sig, lambda n, f: log.warning("shutdown in progress; signal ignored"))
-            async with trio.open_nursery() as nursery:
-                async def on_signal():
-                    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as sigs:
-                        async for sig in sigs:
-                            log.warning("%s: unmounting once requests in flight are answered",
-                                        signal.Signals(sig).name)
-                            # stop taking requests, let running handlers finish
-                            # (no half-done read-modify-write), then unmount
-                            state["signalled"] = True
-                            pyfuse3.terminate()
-                            break
-                        with trio.move_on_after(60):
-                            async for sig in sigs:
-                                log.warning("%s: shutdown in progress; signal ignored",
-                                            signal.Signals(sig).name)
-                        log.error("requests still running after 60 s: cancelling them")
-                        nursery.cancel_scope.cancel()
-
-                async def fuse_main():
-                    await pyfuse3.main(min_tasks=8, max_tasks=256)
-                    # ended by fusermount3 -u unless we terminated it on a signal
-                    state["unmounted"] = not state.get("signalled")
-                    nursery.cancel_scope.cancel()
-
-                nursery.start_soon(on_signal)
-                nursery.start_soon(fuse_main)
+            # fallocate requests run here, outside pyfuse3's workers; the
+            # nursery drains them after pyfuse3.main() has returned
+            async with trio.open_nursery() as requests:
+                fs.nursery = requests
+                await _serve_until_unmounted(state, requests.cancel_scope)
+                fs.nursery = None
+                with trio.move_on_after(60):
+                    while requests.child_tasks:
+                        await trio.sleep(0.01)
+                requests.cancel_scope.cancel()
         finally:
             pyfuse3.close(unmount=not state["unmounted"])
+            fuseshim.set_fallocate_handler(None)
     print(f"nvmefs: {args.mountpoint} unmounted, controller shut down cleanly", flush=True)
+
+
+async def _serve_until_unmounted(state, requests_scope):
+    async with trio.open_nursery() as nursery:
+        async def on_signal():
+            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as sigs:
+                async for sig in sigs:
+                    log.warning("%s: unmounting once requests in flight are answered",
+                                signal.Signals(sig).name)
+                    # stop taking requests, let running handlers finish
+                    # (no half-done read-modify-write), then unmount
+                    state["signalled"] = True
+                    pyfuse3.terminate()
+                    break
+                with trio.move_on_after(60):
+                    async for sig in sigs:
+                        log.warning("%s: shutdown in progress; signal ignored",
+                                    signal.Signals(sig).name)
+                log.error("requests still running after 60 s: cancelling them")
+                nursery.cancel_scope.cancel()
+                requests_scope.cancel()
+
+        async def fuse_main():
+            await pyfuse3.main(min_tasks=8, max_tasks=256)
+            # ended by fusermount3 -u unless we terminated it on a signal
+            state["unmounted"] = not state.get("signalled")
+            nursery.cancel_scope.cancel()
+
+        nursery.start_soon(on_signal)
+        nursery.start_soon(fuse_main)
 
 
 def run_mount(args):

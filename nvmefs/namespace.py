@@ -22,6 +22,7 @@ IO_FLUSH, IO_WRITE, IO_READ, IO_COMPARE, IO_WRITE_ZEROES, IO_DSM = 0x00, 0x01, 0
 FUA = 1 << 30
 DEAC = 1 << 25
 MAX_NLB = 1 << 16          # NLB is a 16-bit 0-based field
+ONCS_DSM, ONCS_WRITE_ZEROES = 1 << 2, 1 << 3
 
 
 class Namespace:
@@ -36,6 +37,15 @@ class Namespace:
         self.lba_size = info["lba_size"]
         self.nlbas = info["nsze"]
         self.size = self.nlbas * self.lba_size
+
+    def supports(self, oncs_bit):
+        return bool(self.ctrl.id_ctrl.get("oncs", 0) & oncs_bit)
+
+    @property
+    def deallocate_reads_zero(self):
+        """DLFEAT bits 2:0 = 001b: a deallocated block reads as zeroes, so
+        Dataset Management deallocate is a valid way to punch a hole."""
+        return self.info.get("dlfeat", 0) & 0x7 == 0x1
 
     def __repr__(self):
         return f"<Namespace {self.nsid}: {self.nlbas} x {self.lba_size} B>"

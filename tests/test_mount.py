@@ -1,6 +1,7 @@
 """Real mounts: dd, fio, losetup + mkfs.ext4 + e2fsck, durability, faults,
 signals and bad input.  Root and /dev/fuse are prerequisites (a failure
 under CI, a skip elsewhere)."""
+import errno as errno_mod
 import hashlib
 import json
 import os
@@ -308,3 +309,72 @@ def test_create_image_preallocate(tmp_path):
     assert os.stat(full).st_blocks * 512 >= 32 * MiB
     r = run_cli("list", "--image", full, "--json")
     assert json.loads(r.stdout)[0]["size"] == 32 * MiB
+
+
+def _fallocate(fd, mode, off, length):
+    """fallocate(2) with a mode (os.posix_fallocate has none); returns errno."""
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    return 0 if libc.fallocate(fd, mode, off, length) == 0 else ctypes.get_errno()
+
+
+KEEP, PUNCH, ZERO = 0x01, 0x02, 0x10
+
+
+@pytest.mark.parametrize("lba", [512, 4096])
+def test_fallocate_punch_hole_and_zero_range(paths, tmp_path, lba):
+    mnt, img = paths
+    size = 32 * MiB
+    data = bytearray(os.urandom(16 * MiB))
+    with mounted(mnt, img, "--size", str(size), "--lba-size", str(lba)):
+        dev = os.path.join(mnt, "nvme0n1")
+        with open(dev, "r+b", buffering=0) as f:
+            f.write(data)
+            os.fsync(f.fileno())
+        blocks_before = os.stat(img).st_blocks
+        fd = os.open(dev, os.O_RDWR)
+        try:
+            # unaligned at both edges: RMW zeroes the edges, the middle is deallocated
+            assert _fallocate(fd, PUNCH | KEEP, 1000, 4 * MiB) == 0
+            data[1000:1000 + 4 * MiB] = bytes(4 * MiB)
+            # inside one LBA, and across two partial LBAs
+            assert _fallocate(fd, PUNCH | KEEP, 5 * MiB + 7, 13) == 0
+            data[5 * MiB + 7:5 * MiB + 20] = bytes(13)
+            assert _fallocate(fd, ZERO | KEEP, 6 * MiB - 10, 20) == 0
+            data[6 * MiB - 10:6 * MiB + 10] = bytes(20)
+            # Write Zeroes, aligned and not, with and without KEEP_SIZE
+            assert _fallocate(fd, ZERO, 8 * MiB, 2 * MiB) == 0
+            data[8 * MiB:10 * MiB] = bytes(2 * MiB)
+            assert _fallocate(fd, ZERO | KEEP, 11 * MiB + 3, 300000) == 0
+            data[11 * MiB + 3:11 * MiB + 300003] = bytes(300000)
+            # refused modes answer EOPNOTSUPP each time (never ENOSYS, which
+            # would make the kernel stop asking), growth is ENOSPC
+            assert _fallocate(fd, 0, 0, 4096) == errno_mod.EOPNOTSUPP
+            assert _fallocate(fd, KEEP, 0, 4096) == errno_mod.EOPNOTSUPP
+            assert _fallocate(fd, ZERO, size - 4096, 8192) == errno_mod.ENOSPC
+            # past the end with KEEP_SIZE: cut at the end, as for a file
+            assert _fallocate(fd, PUNCH | KEEP, size - lba, 10 * lba) == 0
+            with open(dev, "rb", buffering=0) as f:
+                assert f.read(16 * MiB) == bytes(data)
+                f.seek(size - lba)
+                assert f.read() == bytes(lba)
+        finally:
+            os.close(fd)
+        # the punched range went back to the model's sparse image (DSM
+        # deallocate); the host file system punches whole 4 KiB pages only
+        assert blocks_before - os.stat(img).st_blocks >= (4 * MiB - 4 * 4096) // 512
+        stats = json.loads(os.getxattr(mnt, "user.nvmefs.stats"))["fallocate"]
+        assert stats == {"punch": 3, "zero": 3, "refused": 2, "hooked": True}
+
+        if shutil.which("blkdiscard") and shutil.which("losetup"):
+            # the loop driver turns a discard into PUNCH_HOLE on its backing file
+            loop = sh("losetup", "--find", "--show", dev).strip()
+            try:
+                sh("blkdiscard", "-o", str(12 * MiB), "-l", str(MiB), loop)
+            finally:
+                subprocess.run(["losetup", "-d", loop])
+            data[12 * MiB:13 * MiB] = bytes(MiB)
+    with mounted(mnt, img):
+        with open(os.path.join(mnt, "nvme0n1"), "rb") as f:
+            assert f.read(16 * MiB) == bytes(data), "fallocate results did not persist"

@@ -1,0 +1,21 @@
+"""Loads the fallocate shim (``nvmefs._fuseshim``) into the process's global
+symbol scope, so that pyfuse3's call of libfuse's fuse_session_new() goes
+through the wrapper that adds a fallocate operation (see
+_core/fuseshim/fuse_shim.h for why pyfuse3 needs that).
+
+Import this before pyfuse3 calls pyfuse3.init(); importing it first of all
+also covers a pyfuse3 built with immediate binding (-z now).
+"""
+import os
+import sys
+
+_flags = sys.getdlopenflags()
+sys.setdlopenflags(_flags | os.RTLD_GLOBAL)
+try:
+    from nvmefs import _fuseshim
+finally:
+    sys.setdlopenflags(_flags)
+
+set_fallocate_handler = _fuseshim.set_fallocate_handler
+reply_err = _fuseshim.reply_err
+sessions_hooked = _fuseshim.sessions_hooked
