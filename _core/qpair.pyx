@@ -332,6 +332,82 @@ cdef class QueuePair:
                 return True
         return False
 
+    cdef long long poll_one(self, uint8_t opc, uint32_t nsid, uint64_t slba, uint32_t cdw12,
+                            uint64_t iova, uint32_t nbytes, bint is_read, uint64_t spin_ns) except? -0x7fffffffffff:
+        """The single-command fast path (hybrid polling without trio round
+        trips): on a queue with nothing in flight, submit one command on one
+        contiguous buffer, ring, and watch the CQ for up to ``spin_ns``.
+        Returns ``status | cid << 16`` when it completed in that time
+        (status: the 16-bit status field without the phase bit, 0 =
+        success), else ``-1 - cid``: the command stays in flight and its
+        completion comes out of reap() like any other.  Raises QueueBusy
+        when commands are in flight (their completions would be consumed
+        here)."""
+        cdef nvme_sqe cmd
+        cdef dma_seg seg
+        cdef int rc, n, i
+        cdef uint16_t cid
+        cdef uint64_t deadline
+        if self.cids.free_count != self.cids.depth:
+            from nvmefs.errors import QueueBusy
+            raise QueueBusy(f"queue {self.qid}: commands in flight")
+        memset(&cmd, 0, sizeof(cmd))
+        cmd.opc = opc
+        cmd.nsid = nsid
+        cmd.cdw10 = <uint32_t>slba
+        cmd.cdw11 = <uint32_t>(slba >> 32)
+        cmd.cdw12 = cdw12
+        seg.iova = iova
+        seg.length = nbytes
+        seg.flags = 0
+        rc = self.submit(&cmd, &seg, 1 if nbytes else 0, DPTR_AUTO, is_read, 0, True)
+        if rc < 0:
+            raise_submit_error(self, rc)
+        cid = self.cids.get(rc).cid
+        # the GIL stays held: nothing else in this process may run meanwhile
+        deadline = nvmefs_now_ns() + spin_ns
+        while True:
+            if self.cq_ready():
+                # nothing else is in flight: the CQE is ours, or a stale one
+                # that process_completions() drops and counts
+                n = self.process_completions(0)
+                for i in range(n):
+                    if self.out_cqe[i].cid == cid:
+                        return (self.out_cqe[i].status & 0xFFFE) | (<long long>cid << 16)
+            if nvmefs_now_ns() >= deadline:
+                return -1 - <long long>cid
+            cpu_relax()
+
+    def submit_poll(self, uint8_t opc, uint32_t nsid, uint64_t slba, uint32_t cdw12, uint64_t iova,
+                    uint32_t nbytes, bint is_read, uint64_t spin_ns):
+        """poll_one() for any buffer the caller placed in DMA memory."""
+        return self.poll_one(opc, nsid, slba, cdw12, iova, nbytes, is_read, spin_ns)
+
+    def poll_read(self, uint32_t nsid, uint64_t slba, uint32_t nlb, DmaBuffer buf not None, size_t off,
+                  uint32_t nbytes, size_t skip, size_t size, uint64_t spin_ns):
+        """Read ``nlb`` LBAs (``nbytes``) into ``buf`` at ``off`` through
+        poll_one(); on success return bytes [skip, skip+size) of them (the
+        FUSE read path: one copy, straight into the reply object).  Other
+        outcomes return poll_one()'s integer."""
+        cdef long long rc
+        if off + nbytes > buf.size or skip + size > nbytes or nlb == 0 or nlb > 0x10000:
+            raise ValueError("poll_read: window outside the buffer")
+        rc = self.poll_one(0x02, nsid, slba, nlb - 1, buf.iova + off, nbytes, True, spin_ns)
+        if rc & 0xFFFF or rc < 0:
+            return rc
+        return PyBytes_FromStringAndSize(<char *>buf.vaddr + off + skip, size)
+
+    def poll_write(self, uint32_t nsid, uint64_t slba, uint32_t nlb, uint32_t cdw12_flags,
+                   DmaBuffer buf not None, size_t off, const uint8_t[::1] data, uint64_t spin_ns):
+        """Copy ``data`` (whole LBAs) into ``buf`` at ``off`` and write it
+        at ``slba`` through poll_one(); returns poll_one()'s integer."""
+        cdef size_t n = data.shape[0]
+        if off + n > buf.size or n == 0 or n > 0xFFFFFFFF or nlb == 0 or nlb > 0x10000:
+            raise ValueError("poll_write: data outside the buffer")
+        memcpy(buf.vaddr + off, &data[0], n)
+        return self.poll_one(0x01, nsid, slba, (nlb - 1) | cdw12_flags, buf.iova + off, <uint32_t>n,
+                             False, spin_ns)
+
     cdef uint32_t load_segments(self, object segments) except? 0:
         if segments is None:
             return 0

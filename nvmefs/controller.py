@@ -238,15 +238,19 @@ class Controller:
         # the submitter waited for SQ space or an id
         slot.deadline = trio.current_time() + timeout
         q.spin(slot)
+        return await self.finish(q, slot, opcode, nsid, lba, chunks)
+
+    async def finish(self, q, slot, opcode, nsid=0, lba=None, chunks=None):
+        """Wait for a submitted command's slot; returns (dw0, dw1) or raises
+        as execute() does."""
         if slot.event.is_set():
             # completed while we polled: a full scheduling round costs more
             # than the command did, so only every 16th pays one
-            q.fast += 1
-            if q.fast & 15:
-                await trio.lowlevel.checkpoint_if_cancelled()
-            else:
-                await trio.lowlevel.checkpoint()
+            await q.fast_checkpoint()
         else:
+            # a cancelled waiter's command stays listened for: its id and
+            # bounce chunks come back only with its completion
+            q.listen(slot)
             try:
                 # timeouts are the watchdog's job: no cancel scope per command
                 await slot.event.wait()
@@ -260,11 +264,29 @@ class Controller:
         if slot.error is not None:
             raise slot.error
         if slot.status:
-            exc = error_from_status(slot.status, opcode=opcode, cid=slot.cid, qid=q.qid,
-                                    nsid=nsid or None, lba=lba)
-            self.errors_by_status[exc.name] = self.errors_by_status.get(exc.name, 0) + 1
-            raise exc
+            raise self.status_error(slot.status, opcode, slot.cid, q.qid, nsid, lba)
         return slot.dw0, slot.dw1
+
+    def status_error(self, status, opcode, cid, qid, nsid, lba):
+        """The NvmeError for a completion's status, counted by name."""
+        exc = error_from_status(status, opcode=opcode, cid=cid, qid=qid, nsid=nsid or None, lba=lba)
+        self.errors_by_status[exc.name] = self.errors_by_status.get(exc.name, 0) + 1
+        return exc
+
+    def idle_queue(self):
+        """The next I/O queue if the single-command fast path may use it
+        (controller up, hybrid polling on, nothing in flight there), else
+        None."""
+        if self.closed or not self.ready.is_set():
+            return None
+        # the round robin moves only when the queue is taken: otherwise the
+        # general path's pick_queue() would skip a queue every time
+        i = (self._rr + 1) % len(self.io_qs)
+        q = self.io_qs[i]
+        if not q.poll_ready():
+            return None
+        self._rr = i
+        return q
 
     async def admin(self, opcode, **cmd):
         if self.closed:

@@ -165,11 +165,9 @@ class NvmeFS(pyfuse3.Operations):
         bs = ns.lba_size
         first, last = off // bs, (end + bs - 1) // bs
         try:
-            buf = await ns.read(first, last - first)
+            return await ns.read_window(first, last - first, off - first * bs, end - off)
         except (NvmeError, ControllerError) as exc:
             raise self._io_error(ns, f"read at {off}+{size}", exc) from None
-        start = off - first * bs
-        return memoryview(buf)[start:start + (end - off)]
 
     async def write(self, fh, off, buf):
         ns = self._ns(fh)

@@ -90,10 +90,7 @@ class Namespace:
                 self.retried += 1
             except NvmeError as exc:
                 attempt += 1
-                # the host aborts only commands that timed out: resubmit those
-                # (Linux's disposition for an Abort Requested without DNR)
-                again = exc.retryable or (exc.name == "ABORT_REQUESTED" and not exc.dnr)
-                if not again or attempt > ctrl.retries:
+                if not _resubmit(exc) or attempt > ctrl.retries:
                     raise
                 self.retried += 1
                 log.info("retrying after %s (attempt %d)", exc, attempt)
@@ -101,6 +98,99 @@ class Namespace:
             finally:
                 if chunks:      # emptied when handed to an abandoned command
                     q.bounce.give(chunks)
+
+    # -- the single-command fast path ---------------------------------------------
+    #
+    # One bounce chunk and one native call (QueuePair.poll_read/poll_write/
+    # submit_poll: submit, ring, poll the CQ) on an I/O queue with nothing in
+    # flight: no slot, no event, no scheduling round.  A command still in
+    # flight when polling gives up is adopted and waited for as usual; a
+    # retryable status or a reset sends the request down the general path,
+    # which is also where it is retried.
+
+    def _fast_queue(self, nbytes):
+        q = self.ctrl.idle_queue()
+        if q is None or nbytes > q.bounce.chunk or nbytes > self.ctrl.max_transfer or not q.bounce.free:
+            return None
+        return q
+
+    async def _fast_outcome(self, q, rc, opcode, lba, chunks):
+        """A fast-path result other than success: True when the command
+        completed after all, False for the general path; raises a
+        non-retryable error status (counted once)."""
+        ctrl = self.ctrl
+        if rc >= 0:
+            exc = ctrl.status_error(rc & 0xFFFF, opcode, rc >> 16, q.qid, self.nsid, lba)
+            if not _resubmit(exc):
+                raise exc
+            self.retried += 1
+            return False
+        slot = q.adopt(-1 - rc, opcode, trio.current_time() + ctrl.timeout)
+        try:
+            await ctrl.finish(q, slot, opcode, self.nsid, lba, chunks)
+            return True
+        except ControllerReset:
+            self.retried += 1
+            return False
+        except NvmeError as exc:
+            if not _resubmit(exc):
+                raise
+            self.retried += 1
+            return False
+
+    async def _fast(self, opcode, lba, nbytes, cdw12, view, is_read):
+        """The fast path for read() and write(): True when done."""
+        q = self._fast_queue(nbytes)
+        if q is None:
+            return False
+        bounce = q.bounce
+        chunks = [bounce.free.pop()]
+        off = chunks[0] * bounce.chunk
+        try:
+            if is_read:
+                rc = q.qp.submit_poll(opcode, self.nsid, lba, cdw12, bounce.buf.iova + off, nbytes, True,
+                                      q.spin_ns)
+            else:
+                rc = q.qp.poll_write(self.nsid, lba, (cdw12 & 0xFFFF) + 1, cdw12 & ~0xFFFF, bounce.buf, off,
+                                     view, q.spin_ns)
+            if rc >= 0 and not rc & 0xFFFF:
+                q.spun += 1
+                await q.fast_checkpoint()
+            elif not await self._fast_outcome(q, rc, opcode, lba, chunks):
+                return False
+            if is_read:
+                view[:nbytes] = bounce.view[off:off + nbytes]
+            return True
+        finally:
+            if chunks:          # emptied when handed to an abandoned command
+                bounce.give(chunks)
+
+    async def read_window(self, lba, count, skip, size):
+        """Bytes [skip, skip + size) of the ``count`` LBAs at ``lba``, as a
+        bytes-like object: the FUSE read path, which on the fast path copies
+        once, from DMA memory straight into the reply."""
+        self._check_range(lba, count)
+        nbytes = count * self.lba_size
+        if skip + size > nbytes:
+            raise ValueError(f"window {skip}+{size} outside {nbytes} bytes")
+        q = self._fast_queue(nbytes)
+        if q is not None:
+            bounce = q.bounce
+            chunks = [bounce.free.pop()]
+            off = chunks[0] * bounce.chunk
+            try:
+                rc = q.qp.poll_read(self.nsid, lba, count, bounce.buf, off, nbytes, skip, size, q.spin_ns)
+                if type(rc) is bytes:
+                    q.spun += 1
+                    await q.fast_checkpoint()
+                    return rc
+                if await self._fast_outcome(q, rc, IO_READ, lba, chunks):
+                    return bytes(bounce.view[off + skip:off + skip + size])
+            finally:
+                if chunks:
+                    bounce.give(chunks)
+        buf = await self.read(lba, count)
+        return memoryview(buf)[skip:skip + size]
 
     def _pieces(self, lba, count):
         per = max(1, min(self.ctrl.max_transfer // self.lba_size, MAX_NLB))
@@ -135,6 +225,8 @@ class Namespace:
             raise ValueError(f"buffer of {len(memoryview(buf).cast('B'))} bytes for {nbytes} bytes of data")
         zero_copy = isinstance(buf, _core.DmaBuffer)
         view = memoryview(buf).cast("B") if not zero_copy else None
+        if not zero_copy and count <= MAX_NLB and await self._fast(IO_READ, lba, nbytes, count - 1, view, True):
+            return buf
 
         async def piece(plba, n, off):
             size = n * self.lba_size
@@ -158,6 +250,9 @@ class Namespace:
             raise ValueError(f"write of {nbytes} bytes is not a multiple of the LBA size {self.lba_size}")
         count = nbytes // self.lba_size
         self._check_range(lba, count)
+        if not zero_copy and count <= MAX_NLB and await self._fast(
+                IO_WRITE, lba, nbytes, (count - 1) | (FUA if fua else 0), view, False):
+            return
 
         async def piece(plba, n, off):
             size = n * self.lba_size
@@ -212,6 +307,13 @@ class Namespace:
                 return False
             raise
         return True
+
+
+def _resubmit(exc):
+    """Whether a command that ended with ``exc`` is worth submitting again:
+    a retryable status, or an Abort Requested without DNR (the host aborts
+    only commands that timed out; Linux resubmits those)."""
+    return exc.retryable or (exc.name == "ABORT_REQUESTED" and not exc.dnr)
 
 
 def _ranges_by(lba, count, most):

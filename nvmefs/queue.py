@@ -24,7 +24,7 @@ class ControllerReset(Exception):
 
 class _Slot:
     __slots__ = ("event", "status", "dw0", "dw1", "cid", "opcode", "deadline", "error", "aborting",
-                 "timed_out", "abandoned", "chunks")
+                 "timed_out", "abandoned", "chunks", "listened")
 
     def __init__(self, opcode, deadline):
         self.event = trio.Event()
@@ -38,6 +38,7 @@ class _Slot:
         self.timed_out = False
         self.abandoned = False     # its waiter was cancelled
         self.chunks = None         # bounce chunks to return once the controller is done
+        self.listened = False      # counted in IoQueue.waiting until it completes
 
 
 class BouncePool:
@@ -134,6 +135,9 @@ class IoQueue:
         self.spin_ns = spin_ns
         self.spun = 0
         self.fast = 0
+        # commands whose completion the completion task must take (their
+        # waiters park, or were cancelled); 0 while commands are only spun on
+        self.waiting = 0
 
     # -- completion side ---------------------------------------------------------
 
@@ -146,6 +150,9 @@ class IoQueue:
             if slot is None:       # the core already dropped stale ids; this would be a bug
                 log.error("queue %d: completion for cid %d with no waiter", self.qid, cid)
                 continue
+            if slot.listened:
+                slot.listened = False
+                self.waiting -= 1
             slot.status, slot.dw0, slot.dw1 = status, dw0, dw1
             slot.event.set()
             if slot.chunks:
@@ -174,6 +181,15 @@ class IoQueue:
                     await self.kick.wait()
                 if not self._deliver():
                     await trio.sleep(0)
+                continue
+            if not self.waiting:
+                # Every command in flight is being polled (spin), or there is
+                # none.  Listening now would cost a scheduling round per
+                # command for completions the poller already took; the
+                # eventfd keeps counting meanwhile (at worst one spurious
+                # wake-up later).
+                self.kick = trio.Event()
+                await self.kick.wait()
                 continue
             await trio.lowlevel.wait_readable(self.fd)
             try:
@@ -206,6 +222,36 @@ class IoQueue:
             self.kick.set()
         return slot
 
+    def poll_ready(self):
+        """The single-command fast path (QueuePair.submit_poll) may run here."""
+        return self.spin_ns and not self.polled and not self.dead and self.qp.outstanding == 0
+
+    def adopt(self, cid, opcode, deadline):
+        """A fast-path command that was still in flight when polling gave up:
+        from now on it is waited for like any submitted command."""
+        slot = _Slot(opcode, deadline)
+        slot.cid = cid
+        self.slots[cid & self.mask] = slot
+        return slot
+
+    async def fast_checkpoint(self):
+        # a command that completed while polled took no scheduling round: let
+        # every 16th yield, so that a task issuing back-to-back commands
+        # cannot starve the others
+        self.fast += 1
+        if self.fast & 15:
+            await trio.lowlevel.checkpoint_if_cancelled()
+        else:
+            await trio.lowlevel.checkpoint()
+
+    def listen(self, slot):
+        """``slot``'s waiter is about to park: the completion task must take
+        its completion from the interrupt."""
+        if not slot.listened:
+            slot.listened = True
+            self.waiting += 1
+            self.kick.set()
+
     def spin(self, slot):
         """Hybrid polling: when nothing else in this trio thread can run, wait
         for ``slot``'s completion by watching the CQ phase bit for up to
@@ -233,6 +279,9 @@ class IoQueue:
             self.cancel_scope.cancel()
 
     def _fail(self, slot, exc):
+        if slot.listened:
+            slot.listened = False
+            self.waiting -= 1
         slot.error = exc
         slot.event.set()
         # the controller was disabled (or gave up on the command): no more DMA
