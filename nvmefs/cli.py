@@ -363,8 +363,9 @@ def build_parser():
     p.add_argument("--polled", action="store_true", help="poll for completions instead of interrupts")
     p.add_argument("--spin-us", type=int_range(0, 100000), default=30, metavar="US",
                    help="hybrid polling: watch the CQ this long before sleeping on the interrupt (default 30)")
-    p.add_argument("--model-idle-us", type=int_range(0, 1000000), default=50, metavar="US",
-                   help="built-in controller: busy-poll this long before sleeping (default 50)")
+    p.add_argument("--model-idle-us", type=int_range(0, 1000000), default=1000, metavar="US",
+                   help="built-in controller: busy-poll this long after its last command before "
+                        "sleeping (default 1000; a sleeping controller costs a thread wake-up per command)")
     p.add_argument("--page-cache", action="store_true",
                    help="let the kernel page cache serve reads (default: direct I/O)")
     p.add_argument("-b", "--background", action="store_true", help="run in the background once mounted")
