@@ -383,30 +383,29 @@ cdef class QueuePair:
         """poll_one() for any buffer the caller placed in DMA memory."""
         return self.poll_one(opc, nsid, slba, cdw12, iova, nbytes, is_read, spin_ns)
 
-    def poll_read(self, uint32_t nsid, uint64_t slba, uint32_t nlb, DmaBuffer buf not None, size_t off,
+    def poll_read(self, uint32_t nsid, uint64_t slba, uint32_t cdw12, DmaBuffer buf not None, size_t off,
                   uint32_t nbytes, size_t skip, size_t size, uint64_t spin_ns):
-        """Read ``nlb`` LBAs (``nbytes``) into ``buf`` at ``off`` through
-        poll_one(); on success return bytes [skip, skip+size) of them (the
-        FUSE read path: one copy, straight into the reply object).  Other
-        outcomes return poll_one()'s integer."""
+        """A Read of ``nbytes`` into ``buf`` at ``off`` through poll_one();
+        on success returns bytes [skip, skip+size) of the data (the FUSE
+        read path: one copy, straight into the reply object).  Other outcomes
+        return poll_one()'s integer."""
         cdef long long rc
-        if off + nbytes > buf.size or skip + size > nbytes or nlb == 0 or nlb > 0x10000:
+        if off + nbytes > buf.size or skip + size > nbytes:
             raise ValueError("poll_read: window outside the buffer")
-        rc = self.poll_one(0x02, nsid, slba, nlb - 1, buf.iova + off, nbytes, True, spin_ns)
+        rc = self.poll_one(0x02, nsid, slba, cdw12, buf.iova + off, nbytes, True, spin_ns)
         if rc & 0xFFFF or rc < 0:
             return rc
         return PyBytes_FromStringAndSize(<char *>buf.vaddr + off + skip, size)
 
-    def poll_write(self, uint32_t nsid, uint64_t slba, uint32_t nlb, uint32_t cdw12_flags,
-                   DmaBuffer buf not None, size_t off, const uint8_t[::1] data, uint64_t spin_ns):
-        """Copy ``data`` (whole LBAs) into ``buf`` at ``off`` and write it
-        at ``slba`` through poll_one(); returns poll_one()'s integer."""
+    def poll_write(self, uint32_t nsid, uint64_t slba, uint32_t cdw12, DmaBuffer buf not None, size_t off,
+                   const uint8_t[::1] data, uint64_t spin_ns):
+        """Copy ``data`` into ``buf`` at ``off`` and Write it at ``slba``
+        through poll_one(); returns poll_one()'s integer."""
         cdef size_t n = data.shape[0]
-        if off + n > buf.size or n == 0 or n > 0xFFFFFFFF or nlb == 0 or nlb > 0x10000:
+        if off + n > buf.size or n == 0 or n > 0xFFFFFFFF:
             raise ValueError("poll_write: data outside the buffer")
         memcpy(buf.vaddr + off, &data[0], n)
-        return self.poll_one(0x01, nsid, slba, (nlb - 1) | cdw12_flags, buf.iova + off, <uint32_t>n,
-                             False, spin_ns)
+        return self.poll_one(0x01, nsid, slba, cdw12, buf.iova + off, <uint32_t>n, False, spin_ns)
 
     cdef uint32_t load_segments(self, object segments) except? 0:
         if segments is None:

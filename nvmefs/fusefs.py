@@ -40,13 +40,14 @@ class RangeLock:
         return all(b <= x or y <= a for x, y in self.held)
 
     async def acquire(self, a, b):
-        while not self._free(a, b):
+        while self.held and not self._free(a, b):
             await self.lot.park()
         self.held.append((a, b))
 
     def release(self, a, b):
         self.held.remove((a, b))
-        self.lot.unpark_all()
+        if self.lot:
+            self.lot.unpark_all()
 
 
 class NvmeFS(pyfuse3.Operations):
@@ -152,6 +153,12 @@ class NvmeFS(pyfuse3.Operations):
         return pyfuse3.FileInfo(fh=inode, direct_io=self.direct_io or bool(flags & os.O_DIRECT),
                                 keep_cache=not self.direct_io)
 
+    def _lock(self, ns):
+        lock = self.locks.get(ns.nsid)
+        if lock is None:
+            lock = self.locks[ns.nsid] = RangeLock()
+        return lock
+
     def _io_error(self, ns, what, exc):
         self.errors += 1
         log.error("%s %s: %s", self._name(ns.nsid).decode(), what, exc)
@@ -180,7 +187,7 @@ class NvmeFS(pyfuse3.Operations):
             return 0
         bs = ns.lba_size
         first, last = off // bs, (off + n + bs - 1) // bs
-        lock = self.locks.setdefault(ns.nsid, RangeLock())
+        lock = self._lock(ns)
         await lock.acquire(first, last)
         try:
             head = off - first * bs
@@ -225,8 +232,9 @@ class NvmeFS(pyfuse3.Operations):
             fuseshim.reply_err(req, err)
 
     async def fallocate(self, fh, mode, off, length):
-        """PUNCH_HOLE|KEEP_SIZE deallocates, ZERO_RANGE writes zeroes; the
-        partial LBAs at unaligned edges are zeroed by read-modify-write.
+        """PUNCH_HOLE|KEEP_SIZE zeroes and deallocates, ZERO_RANGE writes
+        zeroes (see _zero_lbas); the partial LBAs at unaligned edges are
+        zeroed by read-modify-write.
         Other modes (plain allocation included: every block of a namespace
         already exists) get EOPNOTSUPP, as from a block device."""
         ns = self._ns(fh)
@@ -246,7 +254,7 @@ class NvmeFS(pyfuse3.Operations):
         bs = ns.lba_size
         first, last = off // bs, (end + bs - 1) // bs
         whole_a, whole_b = -(-off // bs), end // bs      # the LBAs covered entirely
-        lock = self.locks.setdefault(ns.nsid, RangeLock())
+        lock = self._lock(ns)
         await lock.acquire(first, last)
         try:
             if whole_a >= whole_b:
@@ -274,12 +282,16 @@ class NvmeFS(pyfuse3.Operations):
         await ns.write(a, data)
 
     async def _zero_lbas(self, ns, lba, count, *, deallocate):
-        if deallocate and ns.supports(ONCS_DSM) and ns.deallocate_reads_zero:
-            await ns.deallocate([(lba, count)])
-        elif ns.supports(ONCS_WRITE_ZEROES):
-            # DEAC lets the controller deallocate too; reads return zeroes
-            # either way (Write Zeroes guarantees it)
+        """Make whole LBAs read as zeroes; ``deallocate``: give the space back
+        where the controller can.  Write Zeroes with DEAC comes first, as in
+        Linux's blkdev_fallocate: its zeroes are guaranteed, whereas Dataset
+        Management deallocate is advisory (a controller may skip ranges
+        below its granularity, NPDG) and is used only without Write Zeroes,
+        when DLFEAT says deallocated blocks read as zeroes."""
+        if ns.supports(ONCS_WRITE_ZEROES):
             await ns.write_zeroes(lba, count, deallocate=deallocate)
+        elif deallocate and ns.supports(ONCS_DSM) and ns.deallocate_reads_zero:
+            await ns.deallocate([(lba, count)])
         else:
             per = max(1, ZERO_CHUNK // ns.lba_size)
             zeros = bytes(per * ns.lba_size)

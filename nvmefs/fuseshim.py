@@ -13,9 +13,21 @@ _flags = sys.getdlopenflags()
 sys.setdlopenflags(_flags | os.RTLD_GLOBAL)
 try:
     from nvmefs import _fuseshim
+except ImportError:         # an optional extension: the build may have skipped it
+    _fuseshim = None
 finally:
     sys.setdlopenflags(_flags)
 
-set_fallocate_handler = _fuseshim.set_fallocate_handler
-reply_err = _fuseshim.reply_err
-sessions_hooked = _fuseshim.sessions_hooked
+if _fuseshim is not None:
+    set_fallocate_handler = _fuseshim.set_fallocate_handler
+    reply_err = _fuseshim.reply_err
+    sessions_hooked = _fuseshim.sessions_hooked
+else:
+    def set_fallocate_handler(handler):
+        pass
+
+    def reply_err(req, err):
+        raise RuntimeError("nvmefs._fuseshim is not built")
+
+    def sessions_hooked():
+        return 0

@@ -91,8 +91,9 @@ async def serve(args, transport, ready_fd=None):
         hooked = fuseshim.sessions_hooked()
         pyfuse3.init(fs, args.mountpoint, options)
         if fuseshim.sessions_hooked() == hooked:
-            log.warning("fallocate is not available on this mount: libfuse was bound before "
-                        "nvmefs.fuseshim was loaded")
+            log.warning("fallocate is not available on this mount (EOPNOTSUPP): the nvmefs._fuseshim "
+                        "hook did not reach libfuse's fuse_session_new (not built, or pyfuse3 built "
+                        "against libfuse >= 3.17 headers)")
         state = {"unmounted": False}
         try:
             names = [f"{args.mountpoint.rstrip('/')}/{fs._name(n).decode()}" for n in sorted(ctrl.namespaces)]

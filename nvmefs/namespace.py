@@ -56,20 +56,32 @@ class Namespace:
         if lba < 0 or count < 0 or lba + count > self.nlbas:
             raise ValueError(f"LBA range {lba}+{count} outside namespace {self.nsid} ({self.nlbas} LBAs)")
 
-    async def _command(self, opcode, *, lba=None, nbytes=0, data_out=None, data_in=None, **cmd):
-        """One command with bounce/zero-copy data, retries and reset handling."""
+    async def _command(self, opcode, *, lba=None, nbytes=0, data_out=None, data_in=None, window=None, **cmd):
+        """One command with bounce/zero-copy data, retries and reset handling.
+        ``window``: (skip, size) for a read whose caller wants those bytes of
+        the data back (returned) instead of a buffer filled."""
         ctrl = self.ctrl
         attempt = 0
+        is_read = data_in is not None or window is not None
+        buf = data_out if data_out is not None else data_in
+        fast = (nbytes and opcode in (IO_READ, IO_WRITE)
+                and not isinstance(buf, (_core.DmaBuffer, _SubBuffer)))
         while True:
             if not ctrl.ready.is_set():
                 await ctrl.ready.wait()
             if ctrl.closed:
                 raise ControllerError("controller is closed")
-            q = ctrl.pick_queue()
+            q = None
             chunks = None
             try:
+                if fast:
+                    q = self._fast_queue(nbytes)
+                    if q is not None:
+                        chunks = [q.bounce.free.pop()]
+                        return await self._fast_once(q, chunks, opcode, lba, nbytes, cmd["cdw12"],
+                                                     data_out, data_in, window)
+                q = ctrl.pick_queue()
                 if nbytes:
-                    buf = data_out if data_out is not None else data_in
                     if isinstance(buf, (_core.DmaBuffer, _SubBuffer)):
                         cmd["segments"] = [(buf.iova, nbytes)]
                     else:
@@ -77,8 +89,12 @@ class Namespace:
                         cmd["segments"] = q.bounce.segments(chunks, nbytes)
                         if data_out is not None:
                             q.bounce.copy_in(chunks, data_out)
-                    cmd["is_read"] = data_in is not None
+                    cmd["is_read"] = is_read
                 result = await ctrl.execute(q, opcode, nsid=self.nsid, lba=lba, chunks=chunks, **cmd)
+                if window is not None:
+                    tmp = bytearray(nbytes)
+                    q.bounce.copy_out(chunks, tmp, nbytes)
+                    return memoryview(tmp)[window[0]:window[0] + window[1]]
                 if chunks is not None and data_in is not None:
                     q.bounce.copy_out(chunks, data_in, nbytes)
                 return result
@@ -104,9 +120,9 @@ class Namespace:
     # One bounce chunk and one native call (QueuePair.poll_read/poll_write/
     # submit_poll: submit, ring, poll the CQ) on an I/O queue with nothing in
     # flight: no slot, no event, no scheduling round.  A command still in
-    # flight when polling gives up is adopted and waited for as usual; a
-    # retryable status or a reset sends the request down the general path,
-    # which is also where it is retried.
+    # flight when polling gives up is adopted and waited for like any other.
+    # Errors and resets leave through _command's retry rules, as on the
+    # general path.
 
     def _fast_queue(self, nbytes):
         q = self.ctrl.idle_queue()
@@ -114,83 +130,40 @@ class Namespace:
             return None
         return q
 
-    async def _fast_outcome(self, q, rc, opcode, lba, chunks):
-        """A fast-path result other than success: True when the command
-        completed after all, False for the general path; raises a
-        non-retryable error status (counted once)."""
+    async def _fast_once(self, q, chunks, opcode, lba, nbytes, cdw12, data_out, data_in, window):
         ctrl = self.ctrl
-        if rc >= 0:
-            exc = ctrl.status_error(rc & 0xFFFF, opcode, rc >> 16, q.qid, self.nsid, lba)
-            if not _resubmit(exc):
-                raise exc
-            self.retried += 1
-            return False
-        slot = q.adopt(-1 - rc, opcode, trio.current_time() + ctrl.timeout)
-        try:
-            await ctrl.finish(q, slot, opcode, self.nsid, lba, chunks)
-            return True
-        except ControllerReset:
-            self.retried += 1
-            return False
-        except NvmeError as exc:
-            if not _resubmit(exc):
-                raise
-            self.retried += 1
-            return False
-
-    async def _fast(self, opcode, lba, nbytes, cdw12, view, is_read):
-        """The fast path for read() and write(): True when done."""
-        q = self._fast_queue(nbytes)
-        if q is None:
-            return False
         bounce = q.bounce
-        chunks = [bounce.free.pop()]
         off = chunks[0] * bounce.chunk
-        try:
-            if is_read:
-                rc = q.qp.submit_poll(opcode, self.nsid, lba, cdw12, bounce.buf.iova + off, nbytes, True,
-                                      q.spin_ns)
+        if opcode == IO_WRITE:
+            rc = q.qp.poll_write(self.nsid, lba, cdw12, bounce.buf, off, data_out, q.spin_ns)
+        elif window is not None:
+            rc = q.qp.poll_read(self.nsid, lba, cdw12, bounce.buf, off, nbytes, window[0], window[1], q.spin_ns)
+        else:
+            rc = q.qp.submit_poll(IO_READ, self.nsid, lba, cdw12, bounce.buf.iova + off, nbytes, True, q.spin_ns)
+        if type(rc) is bytes:
+            result, polled = rc, True
+        elif rc >= 0:
+            if rc & 0xFFFF:
+                raise ctrl.status_error(rc & 0xFFFF, opcode, rc >> 16, q.qid, self.nsid, lba)
+            result, polled = None, True
+        else:
+            # still in flight when polling gave up: wait for it as usual
+            slot = q.adopt(-1 - rc, opcode, trio.current_time() + ctrl.timeout)
+            await ctrl.finish(q, slot, opcode, self.nsid, lba, chunks)
+            result, polled = None, False
+        # the data leaves the bounce chunk before any checkpoint: a reset
+        # there would take the pool away
+        if opcode == IO_READ and result is None:
+            if window is not None:
+                result = bytes(bounce.view[off + window[0]:off + window[0] + window[1]])
             else:
-                rc = q.qp.poll_write(self.nsid, lba, (cdw12 & 0xFFFF) + 1, cdw12 & ~0xFFFF, bounce.buf, off,
-                                     view, q.spin_ns)
-            if rc >= 0 and not rc & 0xFFFF:
-                q.spun += 1
-                await q.fast_checkpoint()
-            elif not await self._fast_outcome(q, rc, opcode, lba, chunks):
-                return False
-            if is_read:
-                view[:nbytes] = bounce.view[off:off + nbytes]
-            return True
-        finally:
-            if chunks:          # emptied when handed to an abandoned command
-                bounce.give(chunks)
-
-    async def read_window(self, lba, count, skip, size):
-        """Bytes [skip, skip + size) of the ``count`` LBAs at ``lba``, as a
-        bytes-like object: the FUSE read path, which on the fast path copies
-        once, from DMA memory straight into the reply."""
-        self._check_range(lba, count)
-        nbytes = count * self.lba_size
-        if skip + size > nbytes:
-            raise ValueError(f"window {skip}+{size} outside {nbytes} bytes")
-        q = self._fast_queue(nbytes)
-        if q is not None:
-            bounce = q.bounce
-            chunks = [bounce.free.pop()]
-            off = chunks[0] * bounce.chunk
-            try:
-                rc = q.qp.poll_read(self.nsid, lba, count, bounce.buf, off, nbytes, skip, size, q.spin_ns)
-                if type(rc) is bytes:
-                    q.spun += 1
-                    await q.fast_checkpoint()
-                    return rc
-                if await self._fast_outcome(q, rc, IO_READ, lba, chunks):
-                    return bytes(bounce.view[off + skip:off + skip + size])
-            finally:
-                if chunks:
-                    bounce.give(chunks)
-        buf = await self.read(lba, count)
-        return memoryview(buf)[skip:skip + size]
+                data_in[:nbytes] = bounce.view[off:off + nbytes]
+        bounce.give(chunks)
+        chunks.clear()
+        if polled:
+            q.fast_path += 1
+            await q.fast_checkpoint()
+        return result
 
     def _pieces(self, lba, count):
         per = max(1, min(self.ctrl.max_transfer // self.lba_size, MAX_NLB))
@@ -225,8 +198,6 @@ class Namespace:
             raise ValueError(f"buffer of {len(memoryview(buf).cast('B'))} bytes for {nbytes} bytes of data")
         zero_copy = isinstance(buf, _core.DmaBuffer)
         view = memoryview(buf).cast("B") if not zero_copy else None
-        if not zero_copy and count <= MAX_NLB and await self._fast(IO_READ, lba, nbytes, count - 1, view, True):
-            return buf
 
         async def piece(plba, n, off):
             size = n * self.lba_size
@@ -241,6 +212,20 @@ class Namespace:
         await self._split(lba, count, piece)
         return buf
 
+    async def read_window(self, lba, count, skip, size):
+        """Bytes [skip, skip + size) of the ``count`` LBAs at ``lba``, as a
+        bytes-like object: the FUSE read path, which on the fast path copies
+        once, from DMA memory straight into the reply."""
+        self._check_range(lba, count)
+        nbytes = count * self.lba_size
+        if skip < 0 or size < 0 or skip + size > nbytes:
+            raise ValueError(f"window {skip}+{size} outside {nbytes} bytes")
+        if nbytes <= self.ctrl.max_transfer and count <= MAX_NLB:
+            return await self._command(IO_READ, lba=lba, nbytes=nbytes, window=(skip, size),
+                                       cdw10=lba & 0xFFFFFFFF, cdw11=lba >> 32, cdw12=count - 1)
+        buf = await self.read(lba, count)
+        return memoryview(buf)[skip:skip + size]
+
     async def write(self, lba, data, *, fua=False):
         """Write ``data`` (a multiple of the LBA size) at ``lba``."""
         zero_copy = isinstance(data, _core.DmaBuffer)
@@ -250,9 +235,6 @@ class Namespace:
             raise ValueError(f"write of {nbytes} bytes is not a multiple of the LBA size {self.lba_size}")
         count = nbytes // self.lba_size
         self._check_range(lba, count)
-        if not zero_copy and count <= MAX_NLB and await self._fast(
-                IO_WRITE, lba, nbytes, (count - 1) | (FUA if fua else 0), view, False):
-            return
 
         async def piece(plba, n, off):
             size = n * self.lba_size

@@ -135,6 +135,7 @@ class IoQueue:
         self.spin_ns = spin_ns
         self.spun = 0
         self.fast = 0
+        self.fast_path = 0         # commands completed inside QueuePair.poll_one
         # commands whose completion the completion task must take (their
         # waiters park, or were cancelled); 0 while commands are only spun on
         self.waiting = 0
@@ -301,7 +302,8 @@ class IoQueue:
         s = self.qp.stats()
         s["busy_waits"] = self.busy_waits
         s["interrupts"] = self.interrupts
-        s["polled_completions"] = self.spun
+        s["polled_completions"] = self.spun + self.fast_path
+        s["fast_path"] = self.fast_path
         if self.bounce is not None:
             s["bounce_waits"] = self.bounce.waits
         return s
