@@ -60,16 +60,19 @@ fuseshim = Extension(
     include_dirs=[os.path.join("_core", "fuseshim")] + [f[2:] for f in fuse_cflags if f.startswith("-I")],
     extra_compile_args=["-O2", "-std=gnu11"] + [f for f in fuse_cflags if not f.startswith("-I")],
     extra_link_args=pkg_config("--libs", ["-lfuse3"]) + ["-ldl"],
-    # without it the mount works and fallocate answers EOPNOTSUPP
-    optional=True,
+    # optional (set below): without it the mount works and fallocate
+    # answers EOPNOTSUPP
 )
 
-setup(
-    ext_modules=cythonize(
-        [ext, fuseshim],
-        include_path=[INCLUDE, "_core"],
-        compiler_directives=directives,
-        # a changed build mode must regenerate the C file
-        force=DEBUG,
-    ),
+extensions = cythonize(
+    [ext, fuseshim],
+    include_path=[INCLUDE, "_core"],
+    compiler_directives=directives,
+    # a changed build mode must regenerate the C file
+    force=DEBUG,
 )
+# cythonize() rebuilds the Extension objects without `optional`
+for e in extensions:
+    e.optional = e.name == "nvmefs._fuseshim"
+
+setup(ext_modules=extensions)

@@ -383,8 +383,9 @@ cdef class QueuePair:
         """poll_one() for any buffer the caller placed in DMA memory."""
         return self.poll_one(opc, nsid, slba, cdw12, iova, nbytes, is_read, spin_ns)
 
-    def poll_read(self, uint32_t nsid, uint64_t slba, uint32_t cdw12, DmaBuffer buf not None, size_t off,
-                  uint32_t nbytes, size_t skip, size_t size, uint64_t spin_ns):
+    def poll_read(self, uint32_t nsid, uint64_t slba, uint32_t cdw12, uint32_t lba_size,
+                  DmaBuffer buf not None, size_t off, uint32_t nbytes, size_t skip, size_t size,
+                  uint64_t spin_ns):
         """A Read of ``nbytes`` into ``buf`` at ``off`` through poll_one();
         on success returns bytes [skip, skip+size) of the data (the FUSE
         read path: one copy, straight into the reply object).  Other outcomes
@@ -392,18 +393,22 @@ cdef class QueuePair:
         cdef long long rc
         if off + nbytes > buf.size or skip + size > nbytes:
             raise ValueError("poll_read: window outside the buffer")
+        if ((cdw12 & 0xFFFF) + 1) * <uint64_t>lba_size != nbytes:
+            raise ValueError("poll_read: NLB does not describe the buffer")
         rc = self.poll_one(0x02, nsid, slba, cdw12, buf.iova + off, nbytes, True, spin_ns)
         if rc & 0xFFFF or rc < 0:
             return rc
         return PyBytes_FromStringAndSize(<char *>buf.vaddr + off + skip, size)
 
-    def poll_write(self, uint32_t nsid, uint64_t slba, uint32_t cdw12, DmaBuffer buf not None, size_t off,
-                   const uint8_t[::1] data, uint64_t spin_ns):
+    def poll_write(self, uint32_t nsid, uint64_t slba, uint32_t cdw12, uint32_t lba_size,
+                   DmaBuffer buf not None, size_t off, const uint8_t[::1] data, uint64_t spin_ns):
         """Copy ``data`` into ``buf`` at ``off`` and Write it at ``slba``
         through poll_one(); returns poll_one()'s integer."""
         cdef size_t n = data.shape[0]
         if off + n > buf.size or n == 0 or n > 0xFFFFFFFF:
             raise ValueError("poll_write: data outside the buffer")
+        if ((cdw12 & 0xFFFF) + 1) * <uint64_t>lba_size != n:
+            raise ValueError("poll_write: NLB does not describe the data")
         memcpy(buf.vaddr + off, &data[0], n)
         return self.poll_one(0x01, nsid, slba, cdw12, buf.iova + off, <uint32_t>n, False, spin_ns)
 

@@ -91,6 +91,9 @@ class Namespace:
                             q.bounce.copy_in(chunks, data_out)
                     cmd["is_read"] = is_read
                 result = await ctrl.execute(q, opcode, nsid=self.nsid, lba=lba, chunks=chunks, **cmd)
+                if chunks is not None and is_read and q.dead:
+                    # as in _fast_once: the bounce pool went with a reset
+                    raise ControllerReset(f"queue {q.qid} was torn down")
                 if window is not None:
                     tmp = bytearray(nbytes)
                     q.bounce.copy_out(chunks, tmp, nbytes)
@@ -135,9 +138,10 @@ class Namespace:
         bounce = q.bounce
         off = chunks[0] * bounce.chunk
         if opcode == IO_WRITE:
-            rc = q.qp.poll_write(self.nsid, lba, cdw12, bounce.buf, off, data_out, q.spin_ns)
+            rc = q.qp.poll_write(self.nsid, lba, cdw12, self.lba_size, bounce.buf, off, data_out, q.spin_ns)
         elif window is not None:
-            rc = q.qp.poll_read(self.nsid, lba, cdw12, bounce.buf, off, nbytes, window[0], window[1], q.spin_ns)
+            rc = q.qp.poll_read(self.nsid, lba, cdw12, self.lba_size, bounce.buf, off, nbytes, window[0],
+                                window[1], q.spin_ns)
         else:
             rc = q.qp.submit_poll(IO_READ, self.nsid, lba, cdw12, bounce.buf.iova + off, nbytes, True, q.spin_ns)
         if type(rc) is bytes:
@@ -151,6 +155,10 @@ class Namespace:
             slot = q.adopt(-1 - rc, opcode, trio.current_time() + ctrl.timeout)
             await ctrl.finish(q, slot, opcode, self.nsid, lba, chunks)
             result, polled = None, False
+            if q.dead:
+                # completed, but a reset tore the queue and its bounce pool
+                # down before we ran: the data is gone, read it again
+                raise ControllerReset(f"queue {q.qid} was torn down")
         # the data leaves the bounce chunk before any checkpoint: a reset
         # there would take the pool away
         if opcode == IO_READ and result is None:
