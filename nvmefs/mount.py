@@ -196,6 +196,10 @@ def serve_transport(args, transport):
             return 1
         raise exc from None
     finally:
+        # Python's finalization puts the default handlers back, so a signal
+        # sent during the last moments would kill an already cleanly shut
+        # down daemon (exit -15): they stay blocked, and are dropped at exit.
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM, signal.SIGHUP})
         transport.close()
     return 0
 

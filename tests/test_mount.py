@@ -78,6 +78,88 @@ def test_fio_verify(paths):
             assert job["write"]["io_bytes"] > 0
 
 
+def test_page_cache_mode_is_coherent(paths, tmp_path):
+    """--page-cache: buffered fio verify, unaligned writes seen by the next
+    read through the cache, and a punched hole read back as zeroes."""
+    require(shutil.which("fio"), "fio")
+    mnt, img = paths
+    with mounted(mnt, img, "--size", "64M", "--page-cache"):
+        dev = os.path.join(mnt, "nvme0n1")
+        out = sh("fio", "--name=verify", f"--filename={dev}", "--ioengine=psync", "--direct=0",
+                 "--rw=randwrite", "--bsrange=512-64k", "--size=16M", "--numjobs=2", "--offset_increment=32M",
+                 "--verify=crc32c", "--verify_fatal=1", "--do_verify=1", "--verify_state_save=0",
+                 "--output-format=json", timeout=600)
+        assert all(j["error"] == 0 for j in json.loads(out[out.index("{"):])["jobs"])
+        with open(dev, "r+b") as f:
+            f.seek(4096)
+            before = f.read(8192)              # now in the page cache
+            f.seek(4096 + 100)
+            f.write(b"cached")
+            f.flush()
+            f.seek(4096)
+            assert f.read(8192) == before[:100] + b"cached" + before[106:]
+            assert _fallocate(f.fileno(), PUNCH | KEEP, 4096, 8192) == 0
+            f.seek(4096)
+            assert f.read(8192) == bytes(8192)
+    with mounted(mnt, img):                    # and it reached the device
+        with open(os.path.join(mnt, "nvme0n1"), "rb") as f:
+            f.seek(4096)
+            assert f.read(8192) == bytes(8192)
+
+
+def test_statfs_reports_the_namespaces(paths):
+    mnt, img = paths
+    with mounted(mnt, img, "--size", "64M", "--namespaces", "2"):
+        st = os.statvfs(mnt)
+        assert st.f_blocks * st.f_frsize == 64 * MiB
+        assert st.f_bfree == st.f_bavail == 0          # fixed-size files: nothing to allocate
+        assert st.f_files == 3 and st.f_namemax == 255
+
+
+def test_signals_during_shutdown_leave_the_image_intact(paths):
+    """Signals while the daemon unmounts, flushes and exits are ignored:
+    exit 0, clean shutdown, synced data intact, image mountable."""
+    mnt, img = paths
+    os.makedirs(mnt)
+    synced = os.urandom(MiB)
+    proc = subprocess.Popen(nvmefs_cmd("mount", mnt, "--image", img, "--size", "64M"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    writer = None
+    try:
+        wait_for_mount(proc, mnt)
+        dev = os.path.join(mnt, "nvme0n1")
+        fd = os.open(dev, os.O_WRONLY)
+        os.pwrite(fd, synced, 0)
+        os.fsync(fd)
+        os.close(fd)
+        # keep requests in flight while the signals arrive
+        writer = subprocess.Popen(["dd", "if=/dev/urandom", f"of={dev}", "bs=64k", "seek=32",
+                                   "count=400", "conv=notrunc", "oflag=direct", "status=none"],
+                                  stderr=subprocess.DEVNULL)
+        time.sleep(0.3)
+        proc.send_signal(signal.SIGINT)
+        # then a stream of signals through the whole shutdown, down to the
+        # interpreter's exit
+        deadline = time.monotonic() + 90
+        while proc.poll() is None and time.monotonic() < deadline:
+            try:
+                proc.send_signal(signal.SIGTERM if int(time.monotonic() * 1000) % 2 else signal.SIGINT)
+            except ProcessLookupError:
+                break
+            time.sleep(0.002)
+        rc = proc.wait(timeout=10)
+    finally:
+        if writer is not None:
+            writer.wait(timeout=60)
+        stop(proc, mnt)
+    out, err = proc.communicate()
+    assert rc == 0, err
+    assert "shut down cleanly" in out
+    with mounted(mnt, img):
+        with open(os.path.join(mnt, "nvme0n1"), "rb") as f:
+            assert f.read(MiB) == synced
+
+
 def tree_sums(root):
     sums = {}
     for d, _dirs, files in os.walk(root):
