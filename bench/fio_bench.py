@@ -103,7 +103,7 @@ def main(argv=None):
     ap.add_argument("--size", default="1G", help="region fio uses in each file (default 1G)")
     ap.add_argument("--out", default=os.path.join(HERE, "results"), help="directory for JSON and PNG")
     ap.add_argument("--targets", default="nvmefs,memfs,qsd")
-    ap.add_argument("--repeat", type=int, default=1, help="runs per row and target; the best counts")
+    ap.add_argument("--repeat", type=int, default=2, help="runs per row and target; the best counts (default 2)")
     ap.add_argument("--rows", default="", help="only rows whose name contains this (e.g. QD1)")
     ap.add_argument("--mount-args", default="", help="extra arguments for `nvmefs mount`")
     args = ap.parse_args(argv)
