@@ -8,6 +8,7 @@ namespace 1 = 64 MiB of 512 B LBAs, namespace 2 = 64 MiB of 4 KiB LBAs,
 one CPU -- so the tests ask for io_queues=2 explicitly.
 """
 import errno
+import json
 import os
 import random
 import struct
@@ -326,6 +327,24 @@ def test_mount_over_vfio_and_fio_verify(bdf, tmp_path):
                               "--verify=crc32c", "--do_verify=1", "--randrepeat=0",
                               "--output-format=terse"], capture_output=True, text=True, timeout=120)
         assert fio.returncode == 0, fio.stdout + fio.stderr
+        # fallocate on QEMU's controller: punch hole (Write Zeroes with DEAC)
+        # and zero range, unaligned edges read-modify-written, 4 KiB LBAs
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+        data = bytearray(os.urandom(256 * 1024))
+        fd = os.open(mnt / "nvme0n2", os.O_RDWR)
+        try:
+            os.pwrite(fd, data, 8 * MiB)
+            assert libc.fallocate(fd, 0x03, 8 * MiB + 100, 20000) == 0, ctypes.get_errno()
+            data[100:20100] = bytes(20000)
+            assert libc.fallocate(fd, 0x10, 8 * MiB + 65536, 65536 + 7) == 0, ctypes.get_errno()
+            data[65536:131079] = bytes(65543)
+            assert os.pread(fd, len(data), 8 * MiB) == bytes(data)
+        finally:
+            os.close(fd)
+        st = json.loads(os.getxattr(mnt, "user.nvmefs.stats"))
+        assert st["fallocate"] == {"punch": 1, "zero": 1, "refused": 0, "hooked": True}, st["fallocate"]
     finally:
         if os.path.ismount(mnt):
             subprocess.run(["fusermount3", "-u", str(mnt)], timeout=30)
