@@ -276,6 +276,15 @@ cdef int mdl_identify(mdl_ctrl *c, mdl_cmdctx *x) noexcept nogil:
         put32(b + 16, nsid)
         b[4 + 6] = (b[4 + 6] & 0x0F) | 0x40     # version 4 layout
         b[4 + 8] = (b[4 + 8] & 0x3F) | 0x80
+    elif cns == 0x06:
+        # I/O command set specific Identify Controller (as QEMU 7.2 answers
+        # it at VER 1.4): only the NVM command set
+        if x.cmd.cdw11 >> 24 != 0:
+            return MST_INVALID_FIELD | MST_DNR
+        b[1] = c.wzsl
+        b[3] = c.dmrl
+        put32(b + 4, c.dmrsl)
+        put64(b + 8, c.dmsl)
     else:
         return MST_INVALID_FIELD | MST_DNR
     return mdl_admin_to_host(c, x, b, 4096)

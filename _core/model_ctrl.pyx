@@ -138,6 +138,11 @@ cdef struct mdl_ctrl:
     uint32_t nq              # I/O queue pairs supported
     uint32_t mqes
     uint32_t mdts
+    # NVM command set limits (Identify CNS 06h, CSI 0); 0 = none
+    uint8_t wzsl             # Write Zeroes: 2^wzsl minimum pages
+    uint8_t dmrl             # DSM: ranges per command
+    uint32_t dmrsl           # DSM: LBAs per range
+    uint64_t dmsl            # DSM: LBAs per command
     uint32_t sgls
     uint32_t dstrd
     uint32_t stride
@@ -880,7 +885,12 @@ cdef class ControllerModel:
     comment and README).  ``ControllerModel(arena, regs, *, namespaces=None,
     image=None, create=True, max_io_queues=64, mqes=1023, mdts=9,
     sgl="bitbucket", vwc=True, dstrd=0, timeout_500ms=20, polled=False,
-    serial=..., model_name=...)``.
+    serial=..., model_name=..., wzsl=0, dmrl=0, dmrsl=0, dmsl=0)``.
+
+    ``wzsl``/``dmrl``/``dmrsl``/``dmsl``: the NVM command set limits reported
+    by Identify CNS 06h and enforced (Invalid Field; QEMU skips a DSM range
+    above DMRSL silently, the model refuses so that a host ignoring the
+    limits is caught).
 
     ``namespaces``: (size_bytes, lba_size) pairs, default one 1 GiB namespace
     of 512-byte blocks.  With an existing ``image`` the layout comes from the
@@ -901,7 +911,8 @@ cdef class ControllerModel:
                   image=None, bint create=True, uint32_t max_io_queues=64, uint32_t mqes=1023,
                   uint32_t mdts=9, str sgl="bitbucket", bint vwc=True, uint32_t dstrd=0,
                   uint32_t timeout_500ms=20, bint polled=False, str serial="NVMEFS0000001",
-                  str model_name="nvmefs software controller", double idle_spin_us=50):
+                  str model_name="nvmefs software controller", double idle_spin_us=50,
+                  uint32_t wzsl=0, uint32_t dmrl=0, uint32_t dmrsl=0, uint64_t dmsl=0):
         self.c = NULL
         self.arena = arena
         self.regs = regs
@@ -915,6 +926,8 @@ cdef class ControllerModel:
             raise ValueError(f"sgl must be one of {sorted(_SGL_MODES)}, not {sgl!r}")
         if dstrd > 15:
             raise ValueError(f"dstrd {dstrd} outside 0..15")
+        if wzsl > 20 or dmrl > 255:
+            raise ValueError(f"wzsl {wzsl} outside 0..20 or dmrl {dmrl} outside 0..255")
         if not 1 <= timeout_500ms <= 255:
             raise ValueError(f"timeout_500ms {timeout_500ms} outside 1..255")
         sn = serial.encode("ascii")
@@ -938,6 +951,10 @@ cdef class ControllerModel:
         c.nq = max_io_queues
         c.mqes = mqes
         c.mdts = mdts
+        c.wzsl = <uint8_t>wzsl
+        c.dmrl = <uint8_t>dmrl
+        c.dmrsl = dmrsl
+        c.dmsl = dmsl
         c.sgls = _SGL_MODES[sgl]
         c.dstrd = dstrd
         c.stride = 4 << dstrd

@@ -83,6 +83,8 @@ cdef int mdl_io_write_zeroes(mdl_ctrl *c, mdl_cmdctx *x, mdl_ns *ns) noexcept no
     cdef uint64_t nlb = (cmd.cdw12 & 0xFFFF) + 1
     cdef int st
     x.lba = slba
+    if c.wzsl and (nlb << ns.lba_shift) > (<uint64_t>MDL_PAGE << c.wzsl):
+        return MST_INVALID_FIELD | MST_DNR      # above WZSL
     st = mdl_check_range(ns, slba, nlb)
     if st:
         return st
@@ -99,7 +101,7 @@ cdef int mdl_io_write_zeroes(mdl_ctrl *c, mdl_cmdctx *x, mdl_ns *ns) noexcept no
 cdef int mdl_io_dsm(mdl_ctrl *c, mdl_cmdctx *x, mdl_ns *ns) noexcept nogil:
     cdef nvme_sqe *cmd = x.cmd
     cdef uint32_t nr = (cmd.cdw10 & 0xFF) + 1, i, nlb
-    cdef uint64_t slba
+    cdef uint64_t slba, total = 0
     cdef uint8_t *r = c.abuf
     cdef int st = mdl_map_dptr(c.arena, cmd, nr * 16, False, c.sgls, c.scratch, &c.iol)
     if st:
@@ -107,10 +109,16 @@ cdef int mdl_io_dsm(mdl_ctrl *c, mdl_cmdctx *x, mdl_ns *ns) noexcept nogil:
     if not (cmd.cdw11 & DSM_AD):
         return 0                                # attributes are hints only
     mdl_iol_copy_in(&c.iol, r, nr * 16)
+    if c.dmrl and nr > c.dmrl:
+        return MST_INVALID_FIELD | MST_DNR      # above DMRL
     # every range is checked before any is deallocated
     for i in range(nr):
         memcpy(&nlb, r + 16 * i + 4, 4)
         memcpy(&slba, r + 16 * i + 8, 8)
+        total += nlb
+        if (c.dmrsl and nlb > c.dmrsl) or (c.dmsl and total > c.dmsl):
+            x.lba = slba
+            return MST_INVALID_FIELD | MST_DNR  # above DMRSL or DMSL
         if nlb and mdl_check_range(ns, slba, nlb):
             x.lba = slba
             return MST_LBA_RANGE | MST_DNR

@@ -106,6 +106,7 @@ class Controller:
         self._rr = 0
         self.closed = False
         self.id_ctrl = {}
+        self.nvm_limits = {}
         self._idbuf = None
         self.errors_by_status = {}
 
@@ -162,6 +163,7 @@ class Controller:
             self.max_transfer = min(self.max_transfer, self.max_transfer_cap)
         self.max_transfer = min(self.max_transfer, self.bounce_bytes)
         self.sgls = self.id_ctrl["sgls"]
+        self.nvm_limits = await self._nvm_limits()
 
         await self._setup_dbbuf()
 
@@ -293,10 +295,38 @@ class Controller:
             raise ControllerError("controller is closed")
         return await self.execute(self.admin_q, opcode, **cmd)
 
-    async def identify(self, cns, nsid=0):
+    async def identify(self, cns, nsid=0, csi=0):
         buf = self._idbuf
-        await self.admin(ADM_IDENTIFY, nsid=nsid, cdw10=cns, segments=[(buf.iova, 4096)], is_read=True)
+        await self.admin(ADM_IDENTIFY, nsid=nsid, cdw10=cns, cdw11=csi << 24, segments=[(buf.iova, 4096)],
+                         is_read=True)
         return bytes(memoryview(buf))
+
+    async def _nvm_limits(self):
+        """The NVM command set's size limits for Write Zeroes and Dataset
+        Management (Identify CNS 06h, CSI 00h; NVM Command Set spec, I/O
+        Command Set specific Identify Controller), as Linux reads them.  A
+        controller that does not know CNS 06h has none: {}."""
+        if self.id_ctrl["ver"] < 0x00010400:
+            return {}
+        try:
+            raw = await self.identify(6, csi=0)
+        except NvmeError as exc:
+            log.info("%s: no I/O command set specific Identify (%s): no Write Zeroes/DSM limits",
+                     self.transport.name, exc.name)
+            return {}
+        wzsl, dmrl = raw[1], raw[3]
+        dmrsl, dmsl = struct.unpack_from("<IQ", raw, 4)
+        mpsmin = 1 << (12 + ((self.transport.read64(0) >> 48) & 0xF))
+        limits = {}
+        if wzsl:
+            limits["write_zeroes_bytes"] = mpsmin << wzsl
+        if dmrl:
+            limits["dsm_ranges"] = dmrl
+        if dmrsl:
+            limits["dsm_range_lbas"] = dmrsl
+        if dmsl:
+            limits["dsm_lbas"] = dmsl
+        return limits
 
     async def get_log_page(self, lid, nbytes, nsid=0xFFFFFFFF, offset=0):
         buf = self.transport.arena.alloc(nbytes)

@@ -258,26 +258,38 @@ class Namespace:
 
     async def write_zeroes(self, lba, count, *, deallocate=False):
         self._check_range(lba, count)
-
-        async def piece(plba, n, _off):
+        most = MAX_NLB
+        limit = self.ctrl.nvm_limits.get("write_zeroes_bytes")
+        if limit:
+            most = max(1, min(most, limit // self.lba_size))     # WZSL
+        for plba, n in _ranges_by(lba, count, most):
             await self._command(IO_WRITE_ZEROES, lba=plba, cdw10=plba & 0xFFFFFFFF, cdw11=plba >> 32,
                                 cdw12=(n - 1) | (DEAC if deallocate else 0))
-
-        for plba, n in _ranges_by(lba, count, MAX_NLB):
-            await piece(plba, n, 0)
 
     async def deallocate(self, ranges):
         """Dataset Management deallocate of [(lba, count), ...]; reads of
         deallocated blocks return zeroes on controllers that say so."""
+        lim = self.ctrl.nvm_limits
+        per_range = min(0xFFFFFFFF, lim.get("dsm_range_lbas", 0xFFFFFFFF))          # DMRSL
+        per_cmd_ranges = min(256, lim.get("dsm_ranges", 256))                       # DMRL
+        per_cmd_lbas = lim.get("dsm_lbas", 0)                                       # DMSL
+        if per_cmd_lbas:
+            per_range = min(per_range, per_cmd_lbas)
         flat = []
         for lba, count in ranges:
             self._check_range(lba, count)
-            flat += list(_ranges_by(lba, count, 0xFFFFFFFF))
-        for i in range(0, len(flat), 256):
-            group = flat[i:i + 256]
-            payload = b"".join(struct.pack("<IIQ", 0, n, lba) for lba, n in group)
-            await self._command(IO_DSM, nbytes=len(payload), data_out=payload,
-                                cdw10=len(group) - 1, cdw11=1 << 2)
+            flat += list(_ranges_by(lba, count, per_range))
+        group, total = [], 0
+        for r in flat + [None]:
+            if group and (r is None or len(group) == per_cmd_ranges
+                          or (per_cmd_lbas and total + r[1] > per_cmd_lbas)):
+                payload = b"".join(struct.pack("<IIQ", 0, n, lba) for lba, n in group)
+                await self._command(IO_DSM, nbytes=len(payload), data_out=payload,
+                                    cdw10=len(group) - 1, cdw11=1 << 2)
+                group, total = [], 0
+            if r is not None:
+                group.append(r)
+                total += r[1]
 
     async def compare(self, lba, data):
         """True when the media holds ``data`` at ``lba`` (NVMe Compare)."""

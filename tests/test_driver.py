@@ -3,6 +3,7 @@ bring-up, concurrent verified I/O (PRP and SGL, interrupts and polling),
 the namespace API, errors, retries, and recovery through fault injection."""
 import os
 import random
+import struct
 
 import pytest
 import trio
@@ -365,6 +366,38 @@ async def test_fast_path_follows_the_retry_rules(make_transport):
             # one first attempt and `retries` more, wherever they ran
             assert sum(c.errors_by_status.values()) - before == 3
         assert c.io_qs[0].stats()["fast_path"] == 0
+
+
+async def test_write_zeroes_and_dsm_follow_the_nvm_command_set_limits(make_transport):
+    """WZSL, DMRL, DMRSL and DMSL (Identify CNS 06h) split Write Zeroes and
+    deallocate; the model refuses commands above them, as a strict
+    controller may."""
+    t = make_transport(wzsl=1, dmrl=2, dmrsl=100, dmsl=150)
+    async with open_controller(t, io_queues=1) as c:
+        assert c.nvm_limits == {"write_zeroes_bytes": 8192, "dsm_ranges": 2, "dsm_range_lbas": 100,
+                                "dsm_lbas": 150}
+        ns = c.namespaces[1]
+        await ns.write(0, b"\x77" * (2048 * 512))
+        await ns.write_zeroes(0, 1000)                   # 8 KiB = 16 LBAs per command
+        await ns.deallocate([(1000, 333), (1500, 7), (1600, 1)])
+        data = await ns.read(0, 2048)
+        assert data[:1333 * 512] == bytes(1333 * 512)
+        assert data[1333 * 512:1500 * 512] == b"\x77" * (167 * 512)
+        assert data[1500 * 512:1507 * 512] == bytes(7 * 512)
+        assert data[1600 * 512:1601 * 512] == bytes(512)
+        # the limits are real: one command above each is refused
+        q = c.io_qs[0]
+        with pytest.raises(NvmeError, match="INVALID_FIELD"):
+            await c.execute(q, 0x08, nsid=1, cdw10=0, cdw12=16)
+        buf = t.arena.alloc(4096)
+        for ranges in ([(0, 101)], [(0, 100), (200, 51)], [(0, 1), (5, 1), (9, 1)]):
+            payload = b"".join(struct.pack("<IIQ", 0, n, lba) for lba, n in ranges)
+            memoryview(buf)[:len(payload)] = payload
+            with pytest.raises(NvmeError, match="INVALID_FIELD"):
+                await c.execute(q, 0x09, nsid=1, cdw10=len(ranges) - 1, cdw11=1 << 2,
+                                segments=[(buf.iova, len(payload))])
+    async with open_controller(make_transport(), io_queues=1) as c:
+        assert c.nvm_limits == {}
 
 
 async def test_reset_completes_every_command_in_flight(make_transport):
