@@ -39,6 +39,13 @@ class RangeLock:
     def _free(self, a, b):
         return all(b <= x or y <= a for x, y in self.held)
 
+    def try_acquire(self, a, b):
+        """Take the range now if nothing overlaps it (no scheduling point)."""
+        if self.held and not self._free(a, b):
+            return False
+        self.held.append((a, b))
+        return True
+
     async def acquire(self, a, b):
         while self.held and not self._free(a, b):
             await self.lot.park()
@@ -188,7 +195,8 @@ class NvmeFS(pyfuse3.Operations):
         bs = ns.lba_size
         first, last = off // bs, (off + n + bs - 1) // bs
         lock = self._lock(ns)
-        await lock.acquire(first, last)
+        if not lock.try_acquire(first, last):
+            await lock.acquire(first, last)
         try:
             head = off - first * bs
             if head == 0 and n % bs == 0:
@@ -255,7 +263,8 @@ class NvmeFS(pyfuse3.Operations):
         first, last = off // bs, (end + bs - 1) // bs
         whole_a, whole_b = -(-off // bs), end // bs      # the LBAs covered entirely
         lock = self._lock(ns)
-        await lock.acquire(first, last)
+        if not lock.try_acquire(first, last):
+            await lock.acquire(first, last)
         try:
             if whole_a >= whole_b:
                 await self._zero_bytes(ns, off, end)

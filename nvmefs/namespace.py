@@ -56,10 +56,13 @@ class Namespace:
         if lba < 0 or count < 0 or lba + count > self.nlbas:
             raise ValueError(f"LBA range {lba}+{count} outside namespace {self.nsid} ({self.nlbas} LBAs)")
 
-    async def _command(self, opcode, *, lba=None, nbytes=0, data_out=None, data_in=None, window=None, **cmd):
+    async def _command(self, opcode, *, lba=None, nbytes=0, data_out=None, data_in=None, window=None,
+                       pending=None, **cmd):
         """One command with bounce/zero-copy data, retries and reset handling.
         ``window``: (skip, size) for a read whose caller wants those bytes of
-        the data back (returned) instead of a buffer filled."""
+        the data back (returned) instead of a buffer filled.  ``pending``:
+        (queue, chunks, rc) of a first attempt a caller already made through
+        _fast_submit() and that did not simply succeed."""
         ctrl = self.ctrl
         attempt = 0
         is_read = data_in is not None or window is not None
@@ -67,19 +70,23 @@ class Namespace:
         fast = (nbytes and opcode in (IO_READ, IO_WRITE)
                 and not isinstance(buf, (_core.DmaBuffer, _SubBuffer)))
         while True:
-            if not ctrl.ready.is_set():
-                await ctrl.ready.wait()
-            if ctrl.closed:
-                raise ControllerError("controller is closed")
+            if pending is None:
+                if not ctrl.ready.is_set():
+                    await ctrl.ready.wait()
+                if ctrl.closed:
+                    raise ControllerError("controller is closed")
             q = None
             chunks = None
             try:
+                if pending is not None:
+                    (q, chunks, rc), pending = pending, None
+                    return await self._fast_finish(q, chunks, rc, opcode, lba, nbytes, data_in, window)
                 if fast:
                     q = self._fast_queue(nbytes)
                     if q is not None:
                         chunks = [q.bounce.free.pop()]
-                        return await self._fast_once(q, chunks, opcode, lba, nbytes, cmd["cdw12"],
-                                                     data_out, data_in, window)
+                        rc = self._fast_submit(q, chunks, opcode, lba, nbytes, cmd["cdw12"], data_out, window)
+                        return await self._fast_finish(q, chunks, rc, opcode, lba, nbytes, data_in, window)
                 q = ctrl.pick_queue()
                 if nbytes:
                     if isinstance(buf, (_core.DmaBuffer, _SubBuffer)):
@@ -133,17 +140,22 @@ class Namespace:
             return None
         return q
 
-    async def _fast_once(self, q, chunks, opcode, lba, nbytes, cdw12, data_out, data_in, window):
-        ctrl = self.ctrl
+    def _fast_submit(self, q, chunks, opcode, lba, nbytes, cdw12, data_out, window):
+        """Submit and poll; returns the QueuePair's result (bytes, or the
+        poll_one() integer) for _fast_finish()."""
         bounce = q.bounce
         off = chunks[0] * bounce.chunk
         if opcode == IO_WRITE:
-            rc = q.qp.poll_write(self.nsid, lba, cdw12, self.lba_size, bounce.buf, off, data_out, q.spin_ns)
-        elif window is not None:
-            rc = q.qp.poll_read(self.nsid, lba, cdw12, self.lba_size, bounce.buf, off, nbytes, window[0],
-                                window[1], q.spin_ns)
-        else:
-            rc = q.qp.submit_poll(IO_READ, self.nsid, lba, cdw12, bounce.buf.iova + off, nbytes, True, q.spin_ns)
+            return q.qp.poll_write(self.nsid, lba, cdw12, self.lba_size, bounce.buf, off, data_out, q.spin_ns)
+        if window is not None:
+            return q.qp.poll_read(self.nsid, lba, cdw12, self.lba_size, bounce.buf, off, nbytes, window[0],
+                                  window[1], q.spin_ns)
+        return q.qp.submit_poll(IO_READ, self.nsid, lba, cdw12, bounce.buf.iova + off, nbytes, True, q.spin_ns)
+
+    async def _fast_finish(self, q, chunks, rc, opcode, lba, nbytes, data_in, window):
+        ctrl = self.ctrl
+        bounce = q.bounce
+        off = chunks[0] * bounce.chunk
         if type(rc) is bytes:
             result, polled = rc, True
         elif rc >= 0:
@@ -229,7 +241,27 @@ class Namespace:
         if skip < 0 or size < 0 or skip + size > nbytes:
             raise ValueError(f"window {skip}+{size} outside {nbytes} bytes")
         if nbytes <= self.ctrl.max_transfer and count <= MAX_NLB:
-            return await self._command(IO_READ, lba=lba, nbytes=nbytes, window=(skip, size),
+            # the fast path's first attempt inline (the FUSE read path's
+            # common case: no keyword arguments, no retry loop); anything
+            # but plain success continues in _command as its first attempt
+            pending = None
+            q = self._fast_queue(nbytes)
+            if q is not None:
+                bounce = q.bounce
+                chunks = [bounce.free.pop()]
+                try:
+                    rc = q.qp.poll_read(self.nsid, lba, count - 1, self.lba_size, bounce.buf,
+                                        chunks[0] * bounce.chunk, nbytes, skip, size, q.spin_ns)
+                except BaseException:
+                    bounce.give(chunks)
+                    raise
+                if type(rc) is bytes:
+                    bounce.give(chunks)
+                    q.fast_path += 1
+                    await q.fast_checkpoint()
+                    return rc
+                pending = (q, chunks, rc)
+            return await self._command(IO_READ, lba=lba, nbytes=nbytes, window=(skip, size), pending=pending,
                                        cdw10=lba & 0xFFFFFFFF, cdw11=lba >> 32, cdw12=count - 1)
         buf = await self.read(lba, count)
         return memoryview(buf)[skip:skip + size]
@@ -243,6 +275,27 @@ class Namespace:
             raise ValueError(f"write of {nbytes} bytes is not a multiple of the LBA size {self.lba_size}")
         count = nbytes // self.lba_size
         self._check_range(lba, count)
+        cdw12_flags = FUA if fua else 0
+        if not zero_copy and count <= MAX_NLB:
+            # the fast path's first attempt inline, as in read_window()
+            q = self._fast_queue(nbytes)
+            if q is not None:
+                bounce = q.bounce
+                chunks = [bounce.free.pop()]
+                try:
+                    rc = q.qp.poll_write(self.nsid, lba, (count - 1) | cdw12_flags, self.lba_size, bounce.buf,
+                                         chunks[0] * bounce.chunk, view, q.spin_ns)
+                except BaseException:
+                    bounce.give(chunks)
+                    raise
+                if rc >= 0 and not rc & 0xFFFF:
+                    bounce.give(chunks)
+                    q.fast_path += 1
+                    await q.fast_checkpoint()
+                    return
+                await self._command(IO_WRITE, lba=lba, nbytes=nbytes, data_out=view, pending=(q, chunks, rc),
+                                    cdw10=lba & 0xFFFFFFFF, cdw11=lba >> 32, cdw12=(count - 1) | cdw12_flags)
+                return
 
         async def piece(plba, n, off):
             size = n * self.lba_size
