@@ -106,6 +106,9 @@ def main(argv=None):
     ap.add_argument("--repeat", type=int, default=2, help="runs per row and target; the best counts (default 2)")
     ap.add_argument("--rows", default="", help="only rows whose name contains this (e.g. QD1)")
     ap.add_argument("--mount-args", default="", help="extra arguments for `nvmefs mount`")
+    ap.add_argument("--image-dir", default="/dev/shm" if os.path.isdir("/dev/shm") else None,
+                    help="where nvmefs's 1 TiB sparse image lives (default /dev/shm: the same tmpfs "
+                         "as qemu-storage-daemon's raw image, so both back onto the same medium)")
     args = ap.parse_args(argv)
     rows = [r for r in ROWS if args.rows in r[0]]
     if not rows:
@@ -128,9 +131,11 @@ def main(argv=None):
                 mnt = os.path.join(tmp, "nvmefs")
                 os.mkdir(mnt)
                 path = os.path.join(mnt, "nvme0n1")
+                image_dir = tempfile.mkdtemp(prefix="nvmefs-bench-", dir=args.image_dir)
+                stack.callback(shutil.rmtree, image_dir, ignore_errors=True)
                 ctx = daemon([sys.executable, "-m", "nvmefs", "mount", mnt, "--image",
-                              os.path.join(tmp, "tib.img"), "--size", "1T", *args.mount_args.split()], path,
-                             ["fusermount3", "-u", mnt])
+                              os.path.join(image_dir, "tib.img"), "--size", "1T", *args.mount_args.split()],
+                             path, ["fusermount3", "-u", mnt])
             elif target == "memfs":
                 mnt = os.path.join(tmp, "memfs")
                 os.mkdir(mnt)
