@@ -99,7 +99,7 @@ class Namespace:
                     cmd["is_read"] = is_read
                 result = await ctrl.execute(q, opcode, nsid=self.nsid, lba=lba, chunks=chunks, **cmd)
                 if chunks is not None and is_read and q.dead:
-                    # as in _fast_once: the bounce pool went with a reset
+                    # as in _fast_finish: the bounce pool went with a reset
                     raise ControllerReset(f"queue {q.qid} was torn down")
                 if window is not None:
                     tmp = bytearray(nbytes)
