@@ -254,7 +254,7 @@ def cmd_stats(args):
 
     def table(d):
         cols = ("qid", "submitted", "completed", "in_flight", "sq_full_waits", "busy_waits", "prp", "sgl",
-                "errors", "interrupts")
+                "errors", "interrupts", "polled_completions")
         out = [f"controller {d['transport']}   resets {d['resets']}   fuse errors {d['fuse_errors']}",
                " ".join(f"{c:>13}" for c in cols)]
         for q in d["queues"]:
