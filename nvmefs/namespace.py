@@ -62,7 +62,7 @@ class Namespace:
         ``window``: (skip, size) for a read whose caller wants those bytes of
         the data back (returned) instead of a buffer filled.  ``pending``:
         (queue, chunks, rc) of a first attempt a caller already made through
-        _fast_submit() and that did not simply succeed."""
+        _fast_first() and that did not simply succeed."""
         ctrl = self.ctrl
         attempt = 0
         is_read = data_in is not None or window is not None
@@ -78,15 +78,11 @@ class Namespace:
             q = None
             chunks = None
             try:
+                if pending is None and fast:
+                    pending = self._fast_first(opcode, lba, nbytes, cmd["cdw12"], data_out, window)
                 if pending is not None:
                     (q, chunks, rc), pending = pending, None
                     return await self._fast_finish(q, chunks, rc, opcode, lba, nbytes, data_in, window)
-                if fast:
-                    q = self._fast_queue(nbytes)
-                    if q is not None:
-                        chunks = [q.bounce.free.pop()]
-                        rc = self._fast_submit(q, chunks, opcode, lba, nbytes, cmd["cdw12"], data_out, window)
-                        return await self._fast_finish(q, chunks, rc, opcode, lba, nbytes, data_in, window)
                 q = ctrl.pick_queue()
                 if nbytes:
                     if isinstance(buf, (_core.DmaBuffer, _SubBuffer)):
@@ -140,17 +136,38 @@ class Namespace:
             return None
         return q
 
-    def _fast_submit(self, q, chunks, opcode, lba, nbytes, cdw12, data_out, window):
-        """Submit and poll; returns the QueuePair's result (bytes, or the
-        poll_one() integer) for _fast_finish()."""
+    def _fast_first(self, opcode, lba, nbytes, cdw12, data_out, window):
+        """Submit and poll on an idle queue: (queue, chunks, result) for
+        _fast_done() (plain success) or _fast_finish(), or None when no
+        queue is idle.  ``result``: bytes, or the poll_one() integer."""
+        q = self._fast_queue(nbytes)
+        if q is None:
+            return None
         bounce = q.bounce
+        chunks = [bounce.free.pop()]
         off = chunks[0] * bounce.chunk
-        if opcode == IO_WRITE:
-            return q.qp.poll_write(self.nsid, lba, cdw12, self.lba_size, bounce.buf, off, data_out, q.spin_ns)
-        if window is not None:
-            return q.qp.poll_read(self.nsid, lba, cdw12, self.lba_size, bounce.buf, off, nbytes, window[0],
-                                  window[1], q.spin_ns)
-        return q.qp.submit_poll(IO_READ, self.nsid, lba, cdw12, bounce.buf.iova + off, nbytes, True, q.spin_ns)
+        try:
+            if opcode == IO_WRITE:
+                rc = q.qp.poll_write(self.nsid, lba, cdw12, self.lba_size, bounce.buf, off, data_out, q.spin_ns)
+            elif window is not None:
+                rc = q.qp.poll_read(self.nsid, lba, cdw12, self.lba_size, bounce.buf, off, nbytes, window[0],
+                                    window[1], q.spin_ns)
+            else:
+                rc = q.qp.submit_poll(IO_READ, self.nsid, lba, cdw12, bounce.buf.iova + off, nbytes, True,
+                                      q.spin_ns)
+        except BaseException:
+            bounce.give(chunks)
+            raise
+        return q, chunks, rc
+
+    @staticmethod
+    def _fast_done(q, chunks):
+        """A command completed while polled: its chunk goes back and it is
+        counted; the caller then awaits q.fast_checkpoint() (kept out of
+        here: one coroutine less on the hottest path)."""
+        q.bounce.give(chunks)
+        chunks.clear()
+        q.fast_path += 1
 
     async def _fast_finish(self, q, chunks, rc, opcode, lba, nbytes, data_in, window):
         ctrl = self.ctrl
@@ -178,11 +195,12 @@ class Namespace:
                 result = bytes(bounce.view[off + window[0]:off + window[0] + window[1]])
             else:
                 data_in[:nbytes] = bounce.view[off:off + nbytes]
-        bounce.give(chunks)
-        chunks.clear()
         if polled:
-            q.fast_path += 1
+            self._fast_done(q, chunks)
             await q.fast_checkpoint()
+        else:
+            bounce.give(chunks)
+            chunks.clear()
         return result
 
     def _pieces(self, lba, count):
@@ -244,23 +262,12 @@ class Namespace:
             # the fast path's first attempt inline (the FUSE read path's
             # common case: no keyword arguments, no retry loop); anything
             # but plain success continues in _command as its first attempt
-            pending = None
-            q = self._fast_queue(nbytes)
-            if q is not None:
-                bounce = q.bounce
-                chunks = [bounce.free.pop()]
-                try:
-                    rc = q.qp.poll_read(self.nsid, lba, count - 1, self.lba_size, bounce.buf,
-                                        chunks[0] * bounce.chunk, nbytes, skip, size, q.spin_ns)
-                except BaseException:
-                    bounce.give(chunks)
-                    raise
-                if type(rc) is bytes:
-                    bounce.give(chunks)
-                    q.fast_path += 1
-                    await q.fast_checkpoint()
-                    return rc
-                pending = (q, chunks, rc)
+            pending = self._fast_first(IO_READ, lba, nbytes, count - 1, None, (skip, size))
+            if pending is not None and type(pending[2]) is bytes:
+                q, chunks, result = pending
+                self._fast_done(q, chunks)
+                await q.fast_checkpoint()
+                return result
             return await self._command(IO_READ, lba=lba, nbytes=nbytes, window=(skip, size), pending=pending,
                                        cdw10=lba & 0xFFFFFFFF, cdw11=lba >> 32, cdw12=count - 1)
         buf = await self.read(lba, count)
@@ -278,23 +285,15 @@ class Namespace:
         cdw12_flags = FUA if fua else 0
         if not zero_copy and count <= MAX_NLB:
             # the fast path's first attempt inline, as in read_window()
-            q = self._fast_queue(nbytes)
-            if q is not None:
-                bounce = q.bounce
-                chunks = [bounce.free.pop()]
-                try:
-                    rc = q.qp.poll_write(self.nsid, lba, (count - 1) | cdw12_flags, self.lba_size, bounce.buf,
-                                         chunks[0] * bounce.chunk, view, q.spin_ns)
-                except BaseException:
-                    bounce.give(chunks)
-                    raise
-                if rc >= 0 and not rc & 0xFFFF:
-                    bounce.give(chunks)
-                    q.fast_path += 1
-                    await q.fast_checkpoint()
-                    return
-                await self._command(IO_WRITE, lba=lba, nbytes=nbytes, data_out=view, pending=(q, chunks, rc),
-                                    cdw10=lba & 0xFFFFFFFF, cdw11=lba >> 32, cdw12=(count - 1) | cdw12_flags)
+            cdw12 = (count - 1) | cdw12_flags
+            pending = self._fast_first(IO_WRITE, lba, nbytes, cdw12, view, None)
+            if pending is not None:
+                if pending[2] >= 0 and not pending[2] & 0xFFFF:
+                    self._fast_done(pending[0], pending[1])
+                    await pending[0].fast_checkpoint()
+                else:
+                    await self._command(IO_WRITE, lba=lba, nbytes=nbytes, data_out=view, pending=pending,
+                                        cdw10=lba & 0xFFFFFFFF, cdw11=lba >> 32, cdw12=cdw12)
                 return
 
         async def piece(plba, n, off):
