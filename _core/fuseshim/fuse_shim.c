@@ -1,3 +1,5 @@
+/* Hand-written C, not Cython output (that is _fuseshim.c, which is ignored).
+ * See fuse_shim.h for what it does and why. */
 #define _GNU_SOURCE
 #include <dlfcn.h>
 #include <stdatomic.h>
