@@ -198,17 +198,10 @@ class NvmeFS(pyfuse3.Operations):
         if not lock.try_acquire(first, last):
             await lock.acquire(first, last)
         try:
-            head = off - first * bs
-            if head == 0 and n % bs == 0:
+            if off % bs == 0 and n % bs == 0:
                 await ns.write(first, memoryview(buf)[:n])
             else:
-                # read-modify-write of the partial edge LBAs only
-                data = bytearray((last - first) * bs)
-                await ns.read(first, 1, memoryview(data)[:bs])
-                if last - first > 1 and (off + n) % bs:
-                    await ns.read(last - 1, 1, memoryview(data)[-bs:])
-                data[head:head + n] = memoryview(buf)[:n]
-                await ns.write(first, data)
+                await self._patch(ns, off, memoryview(buf)[:n])
         except (NvmeError, ControllerError) as exc:
             raise self._io_error(ns, f"write at {off}+{n}", exc) from None
         finally:
@@ -267,12 +260,12 @@ class NvmeFS(pyfuse3.Operations):
             await lock.acquire(first, last)
         try:
             if whole_a >= whole_b:
-                await self._zero_bytes(ns, off, end)
+                await self._patch(ns, off, bytes(end - off))
             else:
                 if off < whole_a * bs:
-                    await self._zero_bytes(ns, off, whole_a * bs)
+                    await self._patch(ns, off, bytes(whole_a * bs - off))
                 if end > whole_b * bs:
-                    await self._zero_bytes(ns, whole_b * bs, end)
+                    await self._patch(ns, whole_b * bs, bytes(end - whole_b * bs))
                 await self._zero_lbas(ns, whole_a, whole_b - whole_a, deallocate=punch)
         except (NvmeError, ControllerError) as exc:
             raise self._io_error(ns, f"fallocate(mode={mode:#x}) at {off}+{length}", exc) from None
@@ -281,14 +274,19 @@ class NvmeFS(pyfuse3.Operations):
         self.fallocates["punch" if punch else "zero"] += 1
         self.mtime[fh] = time.time_ns()
 
-    async def _zero_bytes(self, ns, start, stop):
-        """Zero bytes [start, stop) that lie in at most two LBAs (caller holds
-        the range lock)."""
+    async def _patch(self, ns, off, data):
+        """Write ``data`` at byte ``off``, reading back only the partial LBAs
+        at its edges (read-modify-write; the caller holds the range lock)."""
         bs = ns.lba_size
-        a, b = start // bs, (stop + bs - 1) // bs
-        data = await ns.read(a, b - a)
-        data[start - a * bs:stop - a * bs] = bytes(stop - start)
-        await ns.write(a, data)
+        n = len(data)
+        first, last = off // bs, (off + n + bs - 1) // bs
+        head = off - first * bs
+        block = bytearray((last - first) * bs)
+        await ns.read(first, 1, memoryview(block)[:bs])
+        if last - first > 1 and (off + n) % bs:
+            await ns.read(last - 1, 1, memoryview(block)[-bs:])
+        block[head:head + n] = data
+        await ns.write(first, block)
 
     async def _zero_lbas(self, ns, lba, count, *, deallocate):
         """Make whole LBAs read as zeroes; ``deallocate``: give the space back
