@@ -1,7 +1,11 @@
 # cython: language_level=3
 """Glue between the fuse_session_new wrapper (fuse_shim.c) and Python: the
 fallocate callback calls a registered Python handler, which answers later
-through reply_err() (libfuse requests may be answered from any task)."""
+through reply_err() (libfuse requests may be answered from any task); the
+read and write callbacks offer each request to the direct lane first."""
+from cpython.buffer cimport PyBUF_READ, PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
+from cpython.memoryview cimport PyMemoryView_FromMemory
 from libc.errno cimport EIO, EOPNOTSUPP
 from libc.stdint cimport uintptr_t
 
@@ -11,12 +15,114 @@ cdef extern from "fuse_shim.h" nogil:
     ctypedef long off_t
     struct fuse_file_info:
         unsigned long fh
+    enum: FUSE_BUF_IS_FD
+    struct fuse_buf:
+        size_t size
+        int flags
+        void *mem
+    struct fuse_bufvec:
+        size_t count
+        size_t idx
+        size_t off
+        fuse_buf buf[1]
     ctypedef void (*nvmefs_fallocate_fn)(fuse_req_t, fuse_ino_t, int, off_t, off_t, fuse_file_info *)
+    ctypedef void (*nvmefs_read_fn)(fuse_req_t, fuse_ino_t, size_t, off_t, fuse_file_info *)
+    ctypedef void (*nvmefs_write_buf_fn)(fuse_req_t, fuse_ino_t, fuse_bufvec *, off_t, fuse_file_info *)
     void nvmefs_fuse_set_fallocate(nvmefs_fallocate_fn fn)
+    void nvmefs_fuse_set_io(nvmefs_read_fn read, nvmefs_write_buf_fn write_buf)
+    void nvmefs_fuse_orig_read(fuse_req_t, fuse_ino_t, size_t, off_t, fuse_file_info *)
+    void nvmefs_fuse_orig_write_buf(fuse_req_t, fuse_ino_t, fuse_bufvec *, off_t, fuse_file_info *)
     int nvmefs_fuse_sessions_hooked()
+    int nvmefs_fuse_lane_sessions()
     int fuse_reply_err(fuse_req_t req, int err)
+    int fuse_reply_buf(fuse_req_t req, const char *buf, size_t size)
+    int fuse_reply_write(fuse_req_t req, size_t count)
 
 cdef object _handler = None
+cdef object _lane_read = None
+cdef object _lane_write = None
+
+
+class _Taken:
+    __slots__ = ()
+
+    def __repr__(self):
+        return "TAKEN"
+
+
+# what a lane handler returns when it took the request and will answer it
+# itself, later, through reply_buf()/reply_write()/reply_err()
+TAKEN = _Taken()
+cdef object _TAKEN = TAKEN
+
+
+cdef void _lane_failed(fuse_req_t req, str what) noexcept:
+    # the lane raised before taking the request: answer it here, exactly once
+    import logging
+    logging.getLogger("nvmefs.fuse").exception("direct lane %s failed", what)
+    fuse_reply_err(req, EIO)
+
+
+cdef int _reply_data(fuse_req_t req, object data) except -1:
+    cdef Py_buffer view
+    if type(data) is bytes:
+        return fuse_reply_buf(req, PyBytes_AS_STRING(data), <size_t>PyBytes_GET_SIZE(data))
+    PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
+    try:
+        return fuse_reply_buf(req, <const char *>view.buf, <size_t>view.len)
+    finally:
+        PyBuffer_Release(&view)
+
+
+cdef void _on_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, fuse_file_info *fi) noexcept with gil:
+    # called inside pyfuse3's fuse_session_process_buf(), in its trio thread
+    # with the GIL held: the lane may use the driver directly
+    handler = _lane_read
+    if handler is not None and fi != NULL:
+        try:
+            r = handler(<uintptr_t>req, fi.fh, off, size)
+            if r is None:
+                pass
+            elif r is not _TAKEN:
+                _reply_data(req, r)
+                return
+            else:
+                return
+        except BaseException:
+            _lane_failed(req, "read")
+            return
+    nvmefs_fuse_orig_read(req, ino, size, off, fi)
+
+
+cdef void _on_write_buf(fuse_req_t req, fuse_ino_t ino, fuse_bufvec *bufv, off_t off,
+                        fuse_file_info *fi) noexcept with gil:
+    cdef char *mem
+    cdef size_t n
+    handler = _lane_write
+    # only data that libfuse already holds in memory (no splice from the
+    # device's pipe): the lane copies it straight into DMA memory
+    if (handler is not None and fi != NULL and bufv.count == 1 and bufv.idx == 0
+            and not (bufv.buf[0].flags & FUSE_BUF_IS_FD) and bufv.off <= bufv.buf[0].size):
+        mem = <char *>bufv.buf[0].mem + bufv.off
+        n = bufv.buf[0].size - bufv.off
+        try:
+            # valid only during this call: a lane that keeps the data copies it
+            data = PyMemoryView_FromMemory(mem, n, PyBUF_READ)
+            try:
+                r = handler(<uintptr_t>req, fi.fh, off, data)
+            finally:
+                data.release()
+            if r is None:
+                pass
+            elif r is not _TAKEN:
+                fuse_reply_write(req, <size_t>r)
+                return
+            else:
+                return
+        except BaseException:
+            _lane_failed(req, "write")
+            return
+    nvmefs_fuse_orig_write_buf(req, ino, bufv, off, fi)
 
 
 cdef void _on_fallocate(fuse_req_t req, fuse_ino_t ino, int mode, off_t offset, off_t length,
@@ -37,8 +143,9 @@ cdef void _on_fallocate(fuse_req_t req, fuse_ino_t ino, int mode, off_t offset, 
 
 
 # registered at import, before any session exists: the wrapper only adds
-# the operation to sessions created after this
+# the operations to sessions created after this
 nvmefs_fuse_set_fallocate(_on_fallocate)
+nvmefs_fuse_set_io(_on_read, _on_write_buf)
 
 
 def set_fallocate_handler(handler):
@@ -49,8 +156,30 @@ def set_fallocate_handler(handler):
     _handler = handler
 
 
+def set_lane(read, write):
+    """The direct lane: ``read(req, fh, off, size)`` and ``write(req, fh,
+    off, data)`` run inside libfuse's dispatch for every read and write.
+    Each returns None (pyfuse3's handler then gets the request), the reply
+    (bytes-like data, or the byte count written), or TAKEN (it answers
+    later, exactly once).  ``data`` is valid only during the call.
+    None, None: every request goes to pyfuse3."""
+    global _lane_read, _lane_write
+    _lane_read, _lane_write = read, write
+
+
+def reply_buf(uintptr_t req, data):
+    """Answer a read the lane took."""
+    return _reply_data(<fuse_req_t>req, data)
+
+
+def reply_write(uintptr_t req, size_t count):
+    """Answer a write the lane took."""
+    return fuse_reply_write(<fuse_req_t>req, count)
+
+
 def reply_err(uintptr_t req, int err):
-    """Answer a fallocate request: 0 for success, else an errno."""
+    """Answer a fallocate request (0 for success), or a lane's request with
+    an errno."""
     return fuse_reply_err(<fuse_req_t>req, err)
 
 
@@ -58,3 +187,8 @@ def sessions_hooked():
     """How many FUSE sessions got the fallocate operation (0: the wrapper
     was not reached, e.g. libfuse was bound before this module loaded)."""
     return nvmefs_fuse_sessions_hooked()
+
+
+def lane_sessions():
+    """How many FUSE sessions send reads and writes to the direct lane."""
+    return nvmefs_fuse_lane_sessions()

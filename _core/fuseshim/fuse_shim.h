@@ -6,6 +6,11 @@
  * loaded RTLD_GLOBAL before pyfuse3 first calls fuse_session_new(), so that
  * call resolves to the wrapper below, which passes libfuse a copy of
  * pyfuse3's operation table with our fallocate filled in.
+ *
+ * The same copy can put read and write handlers ahead of pyfuse3's: the
+ * mount's direct lane answers a request that one polled NVMe command can
+ * serve inside libfuse's dispatch, without a coroutine per request, and
+ * hands every other request to pyfuse3's own handler.
  */
 #ifndef NVMEFS_FUSE_SHIM_H
 #define NVMEFS_FUSE_SHIM_H
@@ -16,8 +21,22 @@
 typedef void (*nvmefs_fallocate_fn)(fuse_req_t req, fuse_ino_t ino, int mode, off_t offset,
                                     off_t length, struct fuse_file_info *fi);
 
+typedef void (*nvmefs_read_fn)(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
+                               struct fuse_file_info *fi);
+typedef void (*nvmefs_write_buf_fn)(fuse_req_t req, fuse_ino_t ino, struct fuse_bufvec *bufv, off_t off,
+                                    struct fuse_file_info *fi);
+
 void nvmefs_fuse_set_fallocate(nvmefs_fallocate_fn fn);
+/* Read and write handlers that run ahead of pyfuse3's (the direct lane:
+ * see nvmefs/fusefs.py); they fall back to the ones pyfuse3 registered,
+ * which the two functions below call. */
+void nvmefs_fuse_set_io(nvmefs_read_fn read, nvmefs_write_buf_fn write_buf);
+void nvmefs_fuse_orig_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, struct fuse_file_info *fi);
+void nvmefs_fuse_orig_write_buf(fuse_req_t req, fuse_ino_t ino, struct fuse_bufvec *bufv, off_t off,
+                                struct fuse_file_info *fi);
 /* sessions created through the wrapper since load (0: the hook never ran) */
 int nvmefs_fuse_sessions_hooked(void);
+/* sessions whose read and write went to the direct lane's handlers */
+int nvmefs_fuse_lane_sessions(void);
 
 #endif
