@@ -390,6 +390,11 @@ cdef class QueuePair:
         on success returns bytes [skip, skip+size) of the data (the FUSE
         read path: one copy, straight into the reply object).  Other outcomes
         return poll_one()'s integer."""
+        return self.c_poll_read(nsid, slba, cdw12, lba_size, buf, off, nbytes, skip, size, spin_ns)
+
+    cdef object c_poll_read(self, uint32_t nsid, uint64_t slba, uint32_t cdw12, uint32_t lba_size,
+                            DmaBuffer buf, size_t off, uint32_t nbytes, size_t skip, size_t size,
+                            uint64_t spin_ns):
         cdef long long rc
         if off + nbytes > buf.size or skip + size > nbytes:
             raise ValueError("poll_read: window outside the buffer")
@@ -404,12 +409,18 @@ cdef class QueuePair:
                    DmaBuffer buf not None, size_t off, const uint8_t[::1] data, uint64_t spin_ns):
         """Copy ``data`` into ``buf`` at ``off`` and Write it at ``slba``
         through poll_one(); returns poll_one()'s integer."""
-        cdef size_t n = data.shape[0]
+        if data.shape[0] == 0:
+            raise ValueError("poll_write: data outside the buffer")
+        return self.c_poll_write(nsid, slba, cdw12, lba_size, buf, off, &data[0], data.shape[0], spin_ns)
+
+    cdef long long c_poll_write(self, uint32_t nsid, uint64_t slba, uint32_t cdw12, uint32_t lba_size,
+                                DmaBuffer buf, size_t off, const uint8_t *src, size_t n,
+                                uint64_t spin_ns) except? -0x7fffffffffff:
         if off + n > buf.size or n == 0 or n > 0xFFFFFFFF:
             raise ValueError("poll_write: data outside the buffer")
         if ((cdw12 & 0xFFFF) + 1) * <uint64_t>lba_size != n:
             raise ValueError("poll_write: NLB does not describe the data")
-        memcpy(buf.vaddr + off, &data[0], n)
+        memcpy(buf.vaddr + off, src, n)
         return self.poll_one(0x01, nsid, slba, cdw12, buf.iova + off, <uint32_t>n, False, spin_ns)
 
     cdef uint32_t load_segments(self, object segments) except? 0:

@@ -263,6 +263,10 @@ def cmd_stats(args):
         if fa:
             out.append(f"fallocate: {fa['punch']} punch-hole, {fa['zero']} zero-range, "
                        f"{fa['refused']} refused" + ("" if fa["hooked"] else " (not available on this mount)"))
+        la = d.get("direct_lane")
+        if la:
+            out.append(f"direct lane: {la['read']} reads and {la['write']} writes answered inline, "
+                       f"{la['continued']} continued in a task" + ("" if la["on"] else " (off on this mount)"))
         if d["errors_by_status"]:
             out.append("errors by status: " + ", ".join(f"{k} {v}" for k, v in d["errors_by_status"].items()))
         return "\n".join(out)
@@ -366,6 +370,9 @@ def build_parser():
     p.add_argument("--model-idle-us", type=int_range(0, 1000000), default=1000, metavar="US",
                    help="built-in controller: busy-poll this long after its last command before "
                         "sleeping (default 1000; a sleeping controller costs a thread wake-up per command)")
+    p.add_argument("--no-direct-lane", action="store_true",
+                   help="send every read and write through pyfuse3's handlers instead of answering "
+                        "those one polled NVMe command can serve inside libfuse's dispatch")
     p.add_argument("--page-cache", action="store_true",
                    help="let the kernel page cache serve reads (default: direct I/O)")
     p.add_argument("-b", "--background", action="store_true", help="run in the background once mounted")

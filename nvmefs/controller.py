@@ -275,21 +275,6 @@ class Controller:
         self.errors_by_status[exc.name] = self.errors_by_status.get(exc.name, 0) + 1
         return exc
 
-    def idle_queue(self):
-        """The next I/O queue if the single-command fast path may use it
-        (controller up, hybrid polling on, nothing in flight there), else
-        None."""
-        if self.closed or not self.ready.is_set():
-            return None
-        # the round robin moves only when the queue is taken: otherwise the
-        # general path's pick_queue() would skip a queue every time
-        i = (self._rr + 1) % len(self.io_qs)
-        q = self.io_qs[i]
-        if not q.poll_ready():
-            return None
-        self._rr = i
-        return q
-
     async def admin(self, opcode, **cmd):
         if self.closed:
             raise ControllerError("controller is closed")

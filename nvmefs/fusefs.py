@@ -16,8 +16,9 @@ from nvmefs import fuseshim
 import pyfuse3
 import trio
 
+from nvmefs import _core
 from nvmefs.errors import ControllerError, NvmeError
-from nvmefs.namespace import ONCS_DSM, ONCS_WRITE_ZEROES
+from nvmefs.namespace import IO_READ, IO_WRITE, ONCS_DSM, ONCS_WRITE_ZEROES
 
 log = logging.getLogger("nvmefs.fuse")
 
@@ -69,6 +70,12 @@ class NvmeFS(pyfuse3.Operations):
         self.errors = 0
         self.nursery = None         # where fallocate requests run (set by serve)
         self.fallocates = {"punch": 0, "zero": 0, "refused": 0}
+        # direct lane: requests answered inside libfuse's dispatch, and
+        # those it started there and finished in a task
+        self.lane = {"read": 0, "write": 0, "continued": 0}
+        self.lane_on = False        # set by serve once libfuse calls the lane
+        lane = _core.DirectLane(self, fuseshim.TAKEN)
+        self.lane_read, self.lane_write = lane.read, lane.write
 
     # -- names and attributes --------------------------------------------------
 
@@ -209,6 +216,63 @@ class NvmeFS(pyfuse3.Operations):
         self.mtime[fh] = time.time_ns()
         return n
 
+    # -- the direct lane: reached through nvmefs._fuseshim ----------------------
+    #
+    # pyfuse3 turns every request into a coroutine awaited by one of its
+    # worker tasks; at QD1 that machinery costs more than the NVMe command.
+    # The shim offers each read and write to lane_read/lane_write first,
+    # synchronously, inside libfuse's dispatch.  When one polled command on
+    # an idle queue can serve it (_core.fast_first), they answer it on the
+    # spot.  When the command fails or outlives the poll, a task takes
+    # it over through Namespace._command (so the retry and reset rules are
+    # the general path's) and answers it.  Everything else -- short reads
+    # at the end, unaligned writes, requests larger than MDTS, busy queues,
+    # ranges a read-modify-write holds -- is declined (None) and goes to
+    # pyfuse3's handler, i.e. read() and write() above.  lane_read and
+    # lane_write are _core.DirectLane's (fastpath.pyx): in Python their
+    # bookkeeping cost more than the command.  The tasks that continue
+    # them are below.
+
+    async def _lane_read_task(self, req, ns, first, count, skip, size, pending):
+        self.lane["continued"] += 1
+        data, err = None, errno.EINTR       # cancelled: the shutdown gave up waiting on it
+        try:
+            data = await ns._command(IO_READ, lba=first, nbytes=count * ns.lba_size, window=(skip, size),
+                                     pending=pending, cdw10=first & 0xFFFFFFFF, cdw11=first >> 32,
+                                     cdw12=count - 1)
+            err = 0
+        except (NvmeError, ControllerError) as exc:
+            err = self._io_error(ns, f"read at {first * ns.lba_size + skip}+{size}", exc).errno
+        except Exception:
+            log.exception("direct lane read at LBA %d+%d failed", first, count)
+            err = errno.EIO
+        finally:
+            if err:
+                fuseshim.reply_err(req, err)
+            else:
+                fuseshim.reply_buf(req, data)
+
+    async def _lane_write_task(self, req, ns, off, data, lock, pending):
+        self.lane["continued"] += 1
+        bs = ns.lba_size
+        first, count = off // bs, len(data) // bs
+        err = errno.EINTR
+        try:
+            await ns._command(IO_WRITE, lba=first, nbytes=len(data), data_out=memoryview(data), pending=pending,
+                              cdw10=first & 0xFFFFFFFF, cdw11=first >> 32, cdw12=count - 1)
+            err = 0
+        except (NvmeError, ControllerError) as exc:
+            err = self._io_error(ns, f"write at {off}+{len(data)}", exc).errno
+        except Exception:
+            log.exception("direct lane write at LBA %d+%d failed", first, count)
+            err = errno.EIO
+        finally:
+            lock.release(first, first + count)
+            if err:
+                fuseshim.reply_err(req, err)
+            else:
+                fuseshim.reply_write(req, len(data))
+
     # -- fallocate: reached through nvmefs._fuseshim (pyfuse3 has no handler) --
 
     def fallocate_request(self, req, ino, mode, off, length, fh):
@@ -335,6 +399,7 @@ class NvmeFS(pyfuse3.Operations):
             st = self.ctrl.stats()
             st["fuse_errors"] = self.errors
             st["fallocate"] = dict(self.fallocates, hooked=fuseshim.sessions_hooked() > 0)
+            st["direct_lane"] = dict(self.lane, on=self.lane_on)
             st["namespaces"] = {self._name(n).decode(): {"lba_size": ns.lba_size, "size": ns.size,
                                                          "retried": ns.retried}
                                 for n, ns in self.ctrl.namespaces.items()}

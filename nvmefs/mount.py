@@ -88,12 +88,15 @@ async def serve(args, transport, ready_fd=None):
         if os.getuid() == 0:
             options.add("allow_other")
         fuseshim.set_fallocate_handler(fs.fallocate_request)
-        hooked = fuseshim.sessions_hooked()
+        if not args.no_direct_lane:
+            fuseshim.set_lane(fs.lane_read, fs.lane_write)
+        hooked, laned = fuseshim.sessions_hooked(), fuseshim.lane_sessions()
         pyfuse3.init(fs, args.mountpoint, options)
         if fuseshim.sessions_hooked() == hooked:
-            log.warning("fallocate is not available on this mount (EOPNOTSUPP): the nvmefs._fuseshim "
-                        "hook did not reach libfuse's fuse_session_new (not built, or pyfuse3 built "
-                        "against libfuse >= 3.17 headers)")
+            log.warning("fallocate is not available on this mount (EOPNOTSUPP), nor the direct lane: "
+                        "the nvmefs._fuseshim hook did not reach libfuse's fuse_session_new (not built, "
+                        "or pyfuse3 built against libfuse >= 3.17 headers)")
+        fs.lane_on = not args.no_direct_lane and fuseshim.lane_sessions() > laned
         state = {"unmounted": False}
         try:
             names = [f"{args.mountpoint.rstrip('/')}/{fs._name(n).decode()}" for n in sorted(ctrl.namespaces)]
@@ -119,6 +122,7 @@ async def serve(args, transport, ready_fd=None):
         finally:
             pyfuse3.close(unmount=not state["unmounted"])
             fuseshim.set_fallocate_handler(None)
+            fuseshim.set_lane(None, None)
     print(f"nvmefs: {args.mountpoint} unmounted, controller shut down cleanly", flush=True)
 
 

@@ -62,7 +62,7 @@ class Namespace:
         ``window``: (skip, size) for a read whose caller wants those bytes of
         the data back (returned) instead of a buffer filled.  ``pending``:
         (queue, chunks, rc) of a first attempt a caller already made through
-        _fast_first() and that did not simply succeed."""
+        _core.fast_first() (its rc may be the slot _fast_adopt() made of it)."""
         ctrl = self.ctrl
         attempt = 0
         is_read = data_in is not None or window is not None
@@ -79,7 +79,7 @@ class Namespace:
             chunks = None
             try:
                 if pending is None and fast:
-                    pending = self._fast_first(opcode, lba, nbytes, cmd["cdw12"], data_out, window)
+                    pending = _core.fast_first(ctrl, self, opcode, lba, nbytes, cmd["cdw12"], data_out, window)
                 if pending is not None:
                     (q, chunks, rc), pending = pending, None
                     return await self._fast_finish(q, chunks, rc, opcode, lba, nbytes, data_in, window)
@@ -125,82 +125,57 @@ class Namespace:
     #
     # One bounce chunk and one native call (QueuePair.poll_read/poll_write/
     # submit_poll: submit, ring, poll the CQ) on an I/O queue with nothing in
-    # flight: no slot, no event, no scheduling round.  A command still in
+    # flight: no slot, no event, no scheduling round.  The choice of queue
+    # and the call are _core.fast_first() (fastpath.pyx).  A command still in
     # flight when polling gives up is adopted and waited for like any other.
     # Errors and resets leave through _command's retry rules, as on the
     # general path.
 
-    def _fast_queue(self, nbytes):
-        q = self.ctrl.idle_queue()
-        if q is None or nbytes > q.bounce.chunk or nbytes > self.ctrl.max_transfer or not q.bounce.free:
-            return None
-        return q
-
-    def _fast_first(self, opcode, lba, nbytes, cdw12, data_out, window):
-        """Submit and poll on an idle queue: (queue, chunks, result) for
-        _fast_done() (plain success) or _fast_finish(), or None when no
-        queue is idle.  ``result``: bytes, or the poll_one() integer."""
-        q = self._fast_queue(nbytes)
-        if q is None:
-            return None
-        bounce = q.bounce
-        chunks = [bounce.free.pop()]
-        off = chunks[0] * bounce.chunk
-        try:
-            if opcode == IO_WRITE:
-                rc = q.qp.poll_write(self.nsid, lba, cdw12, self.lba_size, bounce.buf, off, data_out, q.spin_ns)
-            elif window is not None:
-                rc = q.qp.poll_read(self.nsid, lba, cdw12, self.lba_size, bounce.buf, off, nbytes, window[0],
-                                    window[1], q.spin_ns)
-            else:
-                rc = q.qp.submit_poll(IO_READ, self.nsid, lba, cdw12, bounce.buf.iova + off, nbytes, True,
-                                      q.spin_ns)
-        except BaseException:
-            bounce.give(chunks)
-            raise
-        return q, chunks, rc
-
-    @staticmethod
-    def _fast_done(q, chunks):
-        """A command completed while polled: its chunk goes back and it is
-        counted; the caller then awaits q.fast_checkpoint() (kept out of
-        here: one coroutine less on the hottest path)."""
-        q.bounce.give(chunks)
-        chunks.clear()
-        q.fast_path += 1
+    def _fast_adopt(self, pending, opcode):
+        """A first attempt still in flight becomes (queue, chunks, slot):
+        waited for like any submitted command.  Whoever does not go on to
+        _fast_finish() without a scheduling point must call this first, or
+        another task's reap would find no slot for the completion."""
+        q, chunks, rc = pending
+        if type(rc) is int and rc < 0:
+            return q, chunks, q.adopt(-1 - rc, opcode, trio.current_time() + self.ctrl.timeout)
+        return pending
 
     async def _fast_finish(self, q, chunks, rc, opcode, lba, nbytes, data_in, window):
+        if chunks is None:
+            # completed inside the poll, its data already out of the bounce
+            # pool (fast_first): only the checkpoint is left
+            await q.fast_checkpoint()
+            return rc if type(rc) is bytes else None
         ctrl = self.ctrl
         bounce = q.bounce
         off = chunks[0] * bounce.chunk
-        if type(rc) is bytes:
-            result, polled = rc, True
-        elif rc >= 0:
+        if type(rc) is int and rc >= 0:
             if rc & 0xFFFF:
                 raise ctrl.status_error(rc & 0xFFFF, opcode, rc >> 16, q.qid, self.nsid, lba)
-            result, polled = None, True
+            polled = True
         else:
             # still in flight when polling gave up: wait for it as usual
-            slot = q.adopt(-1 - rc, opcode, trio.current_time() + ctrl.timeout)
+            slot = rc if type(rc) is not int else self._fast_adopt((q, chunks, rc), opcode)[2]
             await ctrl.finish(q, slot, opcode, self.nsid, lba, chunks)
-            result, polled = None, False
+            polled = False
             if q.dead:
                 # completed, but a reset tore the queue and its bounce pool
                 # down before we ran: the data is gone, read it again
                 raise ControllerReset(f"queue {q.qid} was torn down")
         # the data leaves the bounce chunk before any checkpoint: a reset
         # there would take the pool away
-        if opcode == IO_READ and result is None:
+        result = None
+        if opcode == IO_READ:
             if window is not None:
                 result = bytes(bounce.view[off + window[0]:off + window[0] + window[1]])
             else:
                 data_in[:nbytes] = bounce.view[off:off + nbytes]
+        bounce.give(chunks)
+        chunks.clear()
         if polled:
-            self._fast_done(q, chunks)
+            q.fast_path += 1
             await q.fast_checkpoint()
-        else:
-            bounce.give(chunks)
-            chunks.clear()
         return result
 
     def _pieces(self, lba, count):
@@ -262,12 +237,10 @@ class Namespace:
             # the fast path's first attempt inline (the FUSE read path's
             # common case: no keyword arguments, no retry loop); anything
             # but plain success continues in _command as its first attempt
-            pending = self._fast_first(IO_READ, lba, nbytes, count - 1, None, (skip, size))
-            if pending is not None and type(pending[2]) is bytes:
-                q, chunks, result = pending
-                self._fast_done(q, chunks)
-                await q.fast_checkpoint()
-                return result
+            pending = _core.fast_first(self.ctrl, self, IO_READ, lba, nbytes, count - 1, None, (skip, size))
+            if pending is not None and pending[1] is None:
+                await pending[0].fast_checkpoint()
+                return pending[2]
             return await self._command(IO_READ, lba=lba, nbytes=nbytes, window=(skip, size), pending=pending,
                                        cdw10=lba & 0xFFFFFFFF, cdw11=lba >> 32, cdw12=count - 1)
         buf = await self.read(lba, count)
@@ -286,10 +259,9 @@ class Namespace:
         if not zero_copy and count <= MAX_NLB:
             # the fast path's first attempt inline, as in read_window()
             cdw12 = (count - 1) | cdw12_flags
-            pending = self._fast_first(IO_WRITE, lba, nbytes, cdw12, view, None)
+            pending = _core.fast_first(self.ctrl, self, IO_WRITE, lba, nbytes, cdw12, view, None)
             if pending is not None:
-                if pending[2] >= 0 and not pending[2] & 0xFFFF:
-                    self._fast_done(pending[0], pending[1])
+                if pending[1] is None:
                     await pending[0].fast_checkpoint()
                 else:
                     await self._command(IO_WRITE, lba=lba, nbytes=nbytes, data_out=view, pending=pending,

@@ -223,10 +223,6 @@ class IoQueue:
             self.kick.set()
         return slot
 
-    def poll_ready(self):
-        """The single-command fast path (QueuePair.submit_poll) may run here."""
-        return self.spin_ns and not self.polled and not self.dead and self.qp.outstanding == 0
-
     def adopt(self, cid, opcode, deadline):
         """A fast-path command that was still in flight when polling gave up:
         from now on it is waited for like any submitted command."""

@@ -1,0 +1,180 @@
+# The single-command fast path's bookkeeping, and the FUSE direct lane, in C.
+#
+# Namespace._command's first attempt and the FUSE frontend's direct lane
+# (nvmefs/fusefs.py) both ask: is there an idle I/O queue, and can one
+# polled command on it (QueuePair.poll_one) serve this request?  Written in
+# Python that question cost more than the command (about 2 us of attribute
+# lookups and calls around a 2 us round trip, several times that with cold
+# caches in the FUSE daemon), so it lives here.  The Python objects it
+# reads (Controller, IoQueue, BouncePool, Namespace, NvmeFS) stay the
+# source of truth; nothing is cached across calls.
+
+from posix.time cimport clock_gettime, timespec, CLOCK_REALTIME
+from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE
+
+DEF FP_READ = 0x02
+DEF FP_WRITE = 0x01
+DEF FP_MAX_NLB = 1 << 16
+
+
+cdef object fp_idle_queue(object ctrl, size_t nbytes):
+    """The next I/O queue if one polled command of ``nbytes`` may use it:
+    controller up, hybrid polling on, nothing in flight, a free bounce chunk
+    big enough.  The round robin moves only when the queue is taken (else
+    the general path's pick_queue() would skip a queue every time)."""
+    cdef QueuePair qp
+    if ctrl.closed or not ctrl.ready.is_set():
+        return None
+    io_qs = ctrl.io_qs
+    cdef Py_ssize_t n = len(io_qs)
+    if n == 0:
+        return None
+    cdef Py_ssize_t i = (<Py_ssize_t>ctrl._rr + 1) % n
+    q = io_qs[i]
+    qp = q.qp
+    if not q.spin_ns or q.polled or q.dead or qp.cids.free_count != qp.cids.depth:
+        return None
+    ctrl._rr = i
+    bounce = q.bounce
+    if nbytes > <size_t>bounce.chunk or nbytes > <size_t>ctrl.max_transfer or not bounce.free:
+        return None
+    return q
+
+
+cdef object fp_first(object ctrl, uint32_t nsid, uint32_t lba_size, int opcode, uint64_t lba, size_t nbytes,
+                     uint32_t cdw12, object data_out, bint windowed, size_t skip, size_t size):
+    """One polled command on an idle queue: (queue, chunks, result), or
+    None when no queue is idle.
+
+    ``result`` is what QueuePair.poll_read/poll_write/submit_poll return.
+    ``chunks`` is None when the command completed inside the poll and its
+    data is already out of the bounce chunk (a windowed read's bytes, a
+    write): the chunk was only borrowed, since nothing else in this thread
+    can run during the call, and it never left the free list.  Otherwise it
+    is [chunk], taken from the pool, for the caller to give back."""
+    cdef QueuePair qp
+    cdef DmaBuffer buf
+    cdef Py_buffer src
+    cdef long long rc
+    cdef size_t off
+    q = fp_idle_queue(ctrl, nbytes)
+    if q is None:
+        return None
+    bounce = q.bounce
+    free = bounce.free
+    chunk = free[len(free) - 1]
+    off = <size_t>chunk * <size_t>bounce.chunk
+    qp = q.qp
+    buf = bounce.buf
+    spin_ns = q.spin_ns
+    if opcode == FP_WRITE:
+        PyObject_GetBuffer(data_out, &src, PyBUF_SIMPLE)
+        try:
+            rc = qp.c_poll_write(nsid, lba, cdw12, lba_size, buf, off, <const uint8_t *>src.buf,
+                                 <size_t>src.len, spin_ns)
+        finally:
+            PyBuffer_Release(&src)
+        if rc >= 0 and not rc & 0xFFFF:
+            q.fast_path += 1
+            return q, None, rc
+        result = rc
+    elif windowed:
+        result = qp.c_poll_read(nsid, lba, cdw12, lba_size, buf, off, <uint32_t>nbytes, skip, size, spin_ns)
+        if type(result) is bytes:
+            q.fast_path += 1
+            return q, None, result
+    else:
+        result = qp.poll_one(FP_READ, nsid, lba, cdw12, buf.iova + off, <uint32_t>nbytes, True, spin_ns)
+    # in flight, failed, or its data still in the chunk: the chunk is taken
+    free.pop()
+    return q, [chunk], result
+
+
+def fast_first(ctrl, ns, int opcode, uint64_t lba, size_t nbytes, uint32_t cdw12, data_out, window):
+    """Namespace._command's first attempt: see fp_first().  ``window``:
+    (skip, size) for a read that wants those bytes back, else None."""
+    if window is None:
+        return fp_first(ctrl, ns.nsid, ns.lba_size, opcode, lba, nbytes, cdw12, data_out, False, 0, 0)
+    return fp_first(ctrl, ns.nsid, ns.lba_size, opcode, lba, nbytes, cdw12, data_out, True,
+                    window[0], window[1])
+
+
+cdef object fp_now_ns():
+    cdef timespec ts
+    clock_gettime(CLOCK_REALTIME, &ts)
+    return <long long>ts.tv_sec * 1000000000 + ts.tv_nsec
+
+
+cdef class DirectLane:
+    """The FUSE direct lane (see nvmefs/fusefs.py, NvmeFS): read() and
+    write() run inside libfuse's dispatch, through nvmefs._fuseshim.  Each
+    returns None (declined: pyfuse3's handler gets the request), the reply
+    (bytes, or the count written), or ``taken``: the command failed or
+    outlived the poll, and a task (NvmeFS._lane_read_task/_lane_write_task)
+    finishes it and answers."""
+    cdef object fs
+    cdef object taken
+    cdef dict counts
+
+    def __init__(self, fs, taken):
+        self.fs = fs
+        self.taken = taken
+        self.counts = fs.lane
+
+    def read(self, req, uint64_t fh, uint64_t off, uint64_t size):
+        cdef uint64_t bs, first, count, nbytes, skip
+        fs = self.fs
+        ctrl = fs.ctrl
+        ns = ctrl.namespaces.get(fh - 1)
+        if ns is None or fs.nursery is None or size == 0 or off + size > <uint64_t>ns.size:
+            return None
+        bs = ns.lba_size
+        first = off // bs
+        count = (off + size + bs - 1) // bs - first
+        nbytes = count * bs
+        if count > FP_MAX_NLB or nbytes > <uint64_t>ctrl.max_transfer:
+            return None
+        skip = off - first * bs
+        pending = fp_first(ctrl, ns.nsid, <uint32_t>bs, FP_READ, first, nbytes, <uint32_t>(count - 1), None,
+                           True, skip, size)
+        if pending is None:
+            return None
+        if (<tuple>pending)[1] is None:
+            self.counts["read"] += 1
+            return (<tuple>pending)[2]
+        pending = ns._fast_adopt(pending, FP_READ)
+        fs.nursery.start_soon(fs._lane_read_task, req, ns, first, count, skip, size, pending)
+        return self.taken
+
+    def write(self, req, uint64_t fh, uint64_t off, data):
+        cdef uint64_t bs, first, count, n
+        fs = self.fs
+        ctrl = fs.ctrl
+        ns = ctrl.namespaces.get(fh - 1)
+        n = len(data)
+        if ns is None or fs.nursery is None or n == 0 or off + n > <uint64_t>ns.size:
+            return None
+        bs = ns.lba_size
+        if off % bs or n % bs or n > <uint64_t>ctrl.max_transfer or n // bs > FP_MAX_NLB:
+            return None
+        lock = fs.locks.get(ns.nsid)
+        if lock is None:
+            lock = fs._lock(ns)
+        if lock.held:
+            return None         # a read-modify-write or fallocate is in flight: queue behind it
+        first = off // bs
+        count = n // bs
+        pending = fp_first(ctrl, ns.nsid, <uint32_t>bs, FP_WRITE, first, n, <uint32_t>(count - 1), data,
+                           False, 0, 0)
+        if pending is None:
+            return None
+        fs.mtime[fh] = fp_now_ns()
+        if (<tuple>pending)[1] is None:
+            self.counts["write"] += 1
+            return n
+        # still in flight or failed: from here the write holds its range
+        # like any other until it ends (the lock was free: this cannot fail)
+        lock.try_acquire(first, first + count)
+        pending = ns._fast_adopt(pending, FP_WRITE)
+        fs.nursery.start_soon(fs._lane_write_task, req, ns, off, bytes(data), lock, pending)
+        return self.taken

@@ -1,0 +1,261 @@
+"""The direct lane (NvmeFS.lane_read / lane_write): what libfuse's dispatch
+calls through nvmefs._fuseshim before pyfuse3's handlers.  Called directly
+here, with the FUSE replies captured; the real mount is in test_mount.py."""
+import errno
+import os
+import random
+
+import pytest
+import trio
+
+from nvmefs import fuseshim
+from nvmefs.controller import open_controller
+from nvmefs.fusefs import NvmeFS
+from nvmefs.transport import ModelTransport
+
+MiB = 1 << 20
+KEEP, PUNCH, ZERO = 0x01, 0x02, 0x10
+
+
+@pytest.fixture
+def transport():
+    t = ModelTransport(namespaces=((16 * MiB, 4096),), arena_size=64 * MiB)
+    yield t
+    t.close()
+
+
+class Replies:
+    """Stands in for libfuse: records how each taken request was answered
+    (and that it was answered once)."""
+
+    def __init__(self, monkeypatch):
+        self.got = {}
+        self.events = {}
+        monkeypatch.setattr(fuseshim, "reply_buf", lambda req, data: self._put(req, ("data", bytes(data))))
+        monkeypatch.setattr(fuseshim, "reply_write", lambda req, n: self._put(req, ("written", n)))
+        monkeypatch.setattr(fuseshim, "reply_err", lambda req, err: self._put(req, ("err", err)))
+
+    def _put(self, req, answer):
+        assert req not in self.got, f"request {req} answered twice"
+        self.got[req] = answer
+        self.event(req).set()
+
+    def event(self, req):
+        return self.events.setdefault(req, trio.Event())
+
+    async def wait(self, req):
+        with trio.fail_after(10):
+            await self.event(req).wait()
+        return self.got[req]
+
+
+async def _answer(fs, replies, req, r):
+    """What the shim does with a lane handler's return value."""
+    if r is fuseshim.TAKEN:
+        return await replies.wait(req)
+    return None if r is None else ("data", bytes(r)) if not isinstance(r, int) else ("written", r)
+
+
+async def test_lane_answers_inline_and_declines_what_it_cannot_serve(transport, monkeypatch):
+    replies = Replies(monkeypatch)
+    async with open_controller(transport, io_queues=2, spin_us=50_000) as c, trio.open_nursery() as nursery:
+        ns = c.namespaces[1]
+        fs = NvmeFS(c)
+        fh = ns.nsid + 1
+        data = os.urandom(64 * 1024)
+        assert fs.lane_write(1, fh, 8192, memoryview(data)) is None       # no nursery: not serving yet
+        fs.nursery = nursery
+        fast0 = sum(q.fast_path for q in c.io_qs)
+        assert fs.lane_write(2, fh, 8192, memoryview(data)) == len(data)
+        # any byte window inside LBAs: one command, the window comes back
+        assert fs.lane_read(3, fh, 8192 + 100, 5000) == data[100:5100]
+        assert fs.lane_read(4, fh, 8192, len(data)) == data
+        assert fs.lane == {"read": 2, "write": 1, "continued": 0}
+        assert sum(q.fast_path for q in c.io_qs) - fast0 == 3
+        assert fh in fs.mtime
+
+        # declined: pyfuse3's handlers (read()/write()) serve these
+        assert fs.lane_write(5, fh, 8192 + 1, memoryview(data[:4096])) is None     # unaligned
+        assert fs.lane_write(6, fh, 8192, memoryview(data[:100])) is None           # partial LBA
+        assert fs.lane_write(7, fh, ns.size - 4096, memoryview(data[:8192])) is None  # past the end
+        assert fs.lane_read(8, fh, ns.size - 4096, 8192) is None                    # short read
+        big = c.io_qs[0].bounce.chunk + 4096
+        assert fs.lane_read(9, fh, 0, big) is None                                  # > one bounce chunk
+        assert fs.lane_read(10, 99, 0, 4096) is None                                # no such file
+        lock = fs._lock(ns)
+        assert lock.try_acquire(1000, 1001)         # a read-modify-write elsewhere holds a range
+        assert fs.lane_write(11, fh, 0, memoryview(data[:4096])) is None
+        lock.release(1000, 1001)
+        # every queue busy: nothing to poll on
+        for q in c.io_qs:
+            q.qp.submit_command(0x00, nsid=1)       # Flush, left in flight
+        assert fs.lane_read(12, fh, 0, 4096) is None
+        assert fs.lane_write(13, fh, 0, memoryview(data[:4096])) is None
+        for q in c.io_qs:
+            with trio.fail_after(5):
+                while q.qp.outstanding:
+                    q.qp.reap()
+                    await trio.sleep(0.001)
+        assert not replies.got
+        assert fs.lane == {"read": 2, "write": 1, "continued": 0}
+        assert await fs.read(fh, 8192, len(data)) == data
+        nursery.cancel_scope.cancel()
+
+
+async def test_lane_hands_slow_commands_to_a_task_which_answers_once(transport, monkeypatch):
+    replies = Replies(monkeypatch)
+    async with open_controller(transport, io_queues=1, spin_us=50) as c, trio.open_nursery() as nursery:
+        ns = c.namespaces[1]
+        fs = NvmeFS(c)
+        fs.nursery = nursery
+        fh = ns.nsid + 1
+        q = c.io_qs[0]
+        data = os.urandom(8192)
+        transport.model.inject(0x01, action="delay", delay_ms=50)
+        assert fs.lane_write(1, fh, 4096, memoryview(data)) is fuseshim.TAKEN
+        # in flight: the write holds its range, so a read-modify-write of
+        # these LBAs waits for it
+        assert fs._lock(ns).held == [(1, 3)]
+        assert fs.lane_write(2, fh, 0, memoryview(data[:4096])) is None
+        assert await replies.wait(1) == ("written", 8192)
+        assert fs._lock(ns).held == []
+        transport.model.inject(0x02, action="delay", delay_ms=50)
+        assert fs.lane_read(3, fh, 4096 + 10, 8000) is fuseshim.TAKEN
+        assert await replies.wait(3) == ("data", data[10:8010])
+        assert fs.lane["continued"] == 2
+        assert q.qp.outstanding == 0 and q.waiting == 0 and len(q.bounce.free) == q.bounce.capacity()
+        nursery.cancel_scope.cancel()
+
+
+async def test_lane_errors_follow_the_retry_rules_and_fail_only_their_request(transport, monkeypatch):
+    replies = Replies(monkeypatch)
+    async with open_controller(transport, io_queues=1, spin_us=50_000, retries=2) as c, \
+            trio.open_nursery() as nursery:
+        ns = c.namespaces[1]
+        fs = NvmeFS(c)
+        fs.nursery = nursery
+        fh = ns.nsid + 1
+        data = os.urandom(4096)
+        assert fs.lane_write(1, fh, 0, memoryview(data)) == 4096
+        # media error: EIO for this read, counted and logged once, no resubmission
+        qp = c.io_qs[0].qp
+        before = qp.submitted
+        transport.model.inject(0x02, lba_start=0, lba_end=0, action="fail", sct=2, sc=0x81, dnr=True)
+        assert fs.lane_read(2, fh, 0, 4096) is fuseshim.TAKEN
+        assert await replies.wait(2) == ("err", errno.EIO)
+        assert qp.submitted - before == 1
+        assert c.errors_by_status == {"UNRECOVERED_READ_ERROR": 1} and fs.errors == 1
+        assert fs.lane_read(3, fh, 0, 4096) == data        # the next read works
+        # retryable: the task resubmits (attempt 1 was the lane's) and succeeds
+        transport.model.inject(0x01, action="fail", sct=0, sc=0x06, dnr=False)
+        assert fs.lane_write(4, fh, 4096, memoryview(data)) is fuseshim.TAKEN
+        assert await replies.wait(4) == ("written", 4096)
+        assert ns.retried == 1
+        # retryable forever: the cap (retries=2) counts the lane's attempt
+        before = qp.submitted
+        transport.model.inject(0x01, action="fail", sct=0, sc=0x06, dnr=False, count=0)
+        assert fs.lane_write(5, fh, 4096, memoryview(data)) is fuseshim.TAKEN
+        assert await replies.wait(5) == ("err", errno.EIO)
+        assert qp.submitted - before == 3
+        assert fs._lock(ns).held == []
+        nursery.cancel_scope.cancel()
+
+
+async def test_lane_writes_serialise_with_read_modify_writes_and_fallocate(transport, monkeypatch):
+    """Aligned writes through the lane racing with unaligned writes (read-
+    modify-write), punch holes and zero ranges over a few LBAs.  A short
+    spin makes many lane commands outlive the poll and continue in tasks,
+    which then hold their range, others complete inside it.  The result must equal the operations
+    applied one by one in the order they took effect: no read-modify-write
+    may write back bytes a lane write replaced meanwhile."""
+    replies = Replies(monkeypatch)
+    region = 32 * 1024
+    async with open_controller(transport, io_queues=2, spin_us=1) as c, trio.open_nursery() as nursery:
+        # the lane alternates queues: on one its commands nearly always
+        # outlive the poll, on the other they nearly always complete in it
+        c.io_qs[1].spin_ns = 2_000_000
+        ns = c.namespaces[1]
+        fs = NvmeFS(c)
+        fs.nursery = nursery
+        fh = ns.nsid + 1
+        lock = fs._lock(ns)
+        order, op_of = [], {}
+        try_acquire, acquire = lock.try_acquire, lock.acquire
+        current = [None]            # the lane op being dispatched (the lane runs synchronously)
+
+        def took():
+            order.append(current[0] if current[0] is not None else op_of.get(trio.lowlevel.current_task()))
+
+        def try_acquire_rec(a, b):
+            ok = try_acquire(a, b)
+            if ok:
+                took()
+            return ok
+
+        async def acquire_rec(a, b):
+            await acquire(a, b)
+            took()
+        lock.try_acquire, lock.acquire = try_acquire_rec, acquire_rec
+        modes = set()
+
+        # at least 8 rounds, more (up to 40) until lane writes have gone
+        # every way: inline only when the fast queue is idle at that moment
+        for seed in range(40):
+            if seed >= 8 and modes == {"inline", "taken", "declined"}:
+                break
+            rng = random.Random(seed)
+            start = bytes(rng.getrandbits(8) for _ in range(region))
+            await fs.write(fh, 0, start)
+            order.clear()
+            ops = []
+            for i in range(48):
+                kind = rng.choice(["lane", "lane", "write", "punch", "zero"])
+                if kind == "lane":
+                    off = rng.randrange(0, region // 4096 - 2) * 4096
+                    n = rng.randrange(1, 3) * 4096
+                else:
+                    off = rng.randrange(0, region - 6000)
+                    n = rng.randrange(1, 6000)
+                ops.append((kind, off, n, bytes([i + 1]) * n if kind in ("lane", "write") else None))
+            # staggered starts: lane writes arrive while other operations
+            # are in the middle of their commands, not only all at once
+            delays = [rng.random() * 0.003 for _ in ops]
+
+            async def run(i):
+                await trio.sleep(delays[i])
+                op_of[trio.lowlevel.current_task()] = i
+                kind, off, n, data = ops[i]
+                if kind == "lane":
+                    current[0] = i
+                    try:
+                        r = fs.lane_write(1000 * seed + i, fh, off, memoryview(data))
+                    finally:
+                        current[0] = None
+                    if r == n:
+                        order.append(i)             # took effect inside the call: nothing overlapped
+                        modes.add("inline")
+                    elif r is fuseshim.TAKEN:
+                        modes.add("taken")          # recorded by try_acquire
+                        assert await replies.wait(1000 * seed + i) == ("written", n)
+                    else:
+                        assert r is None
+                        modes.add("declined")       # as pyfuse3 would: the general path
+                        assert await fs.write(fh, off, data) == n
+                elif kind == "write":
+                    assert await fs.write(fh, off, data) == n
+                else:
+                    await fs.fallocate(fh, (PUNCH | KEEP) if kind == "punch" else ZERO, off, n)
+
+            async with trio.open_nursery() as inner:
+                for i in range(len(ops)):
+                    inner.start_soon(run, i)
+
+            assert sorted(order) == list(range(len(ops)))
+            ref = bytearray(start)
+            for i in order:
+                kind, off, n, data = ops[i]
+                ref[off:off + n] = data if kind in ("lane", "write") else bytes(n)
+            assert await fs.read(fh, 0, region) == ref, f"seed {seed}"
+        # the race exercised every way a lane write can go
+        assert modes == {"inline", "taken", "declined"}, modes
+        nursery.cancel_scope.cancel()
