@@ -49,44 +49,51 @@ cdef object fp_first(object ctrl, uint32_t nsid, uint32_t lba_size, int opcode, 
     ``result`` is what QueuePair.poll_read/poll_write/submit_poll return.
     ``chunks`` is None when the command completed inside the poll and its
     data is already out of the bounce chunk (a windowed read's bytes, a
-    write): the chunk was only borrowed, since nothing else in this thread
-    can run during the call, and it never left the free list.  Otherwise it
-    is [chunk], taken from the pool, for the caller to give back."""
+    write): the chunk is back in the pool.  Otherwise it is [chunk], taken
+    from the pool, for the caller to give back."""
     cdef QueuePair qp
     cdef DmaBuffer buf
     cdef Py_buffer src
     cdef long long rc
     cdef size_t off
+    cdef list free
     q = fp_idle_queue(ctrl, nbytes)
     if q is None:
         return None
     bounce = q.bounce
     free = bounce.free
-    chunk = free[len(free) - 1]
+    chunk = free.pop()
     off = <size_t>chunk * <size_t>bounce.chunk
     qp = q.qp
     buf = bounce.buf
     spin_ns = q.spin_ns
-    if opcode == FP_WRITE:
-        PyObject_GetBuffer(data_out, &src, PyBUF_SIMPLE)
-        try:
-            rc = qp.c_poll_write(nsid, lba, cdw12, lba_size, buf, off, <const uint8_t *>src.buf,
-                                 <size_t>src.len, spin_ns)
-        finally:
-            PyBuffer_Release(&src)
-        if rc >= 0 and not rc & 0xFFFF:
-            q.fast_path += 1
-            return q, None, rc
-        result = rc
-    elif windowed:
-        result = qp.c_poll_read(nsid, lba, cdw12, lba_size, buf, off, <uint32_t>nbytes, skip, size, spin_ns)
-        if type(result) is bytes:
-            q.fast_path += 1
-            return q, None, result
-    else:
-        result = qp.poll_one(FP_READ, nsid, lba, cdw12, buf.iova + off, <uint32_t>nbytes, True, spin_ns)
+    try:
+        if opcode == FP_WRITE:
+            PyObject_GetBuffer(data_out, &src, PyBUF_SIMPLE)
+            try:
+                rc = qp.c_poll_write(nsid, lba, cdw12, lba_size, buf, off, <const uint8_t *>src.buf,
+                                     <size_t>src.len, spin_ns)
+            finally:
+                PyBuffer_Release(&src)
+            done = rc >= 0 and not rc & 0xFFFF
+            result = rc
+        elif windowed:
+            result = qp.c_poll_read(nsid, lba, cdw12, lba_size, buf, off, <uint32_t>nbytes, skip, size,
+                                    spin_ns)
+            done = type(result) is bytes
+        else:
+            result = qp.poll_one(FP_READ, nsid, lba, cdw12, buf.iova + off, <uint32_t>nbytes, True, spin_ns)
+            done = False
+    except BaseException:
+        free.append(chunk)          # refused before submission
+        raise
+    if done:
+        # Back without waking bounce waiters: there are none, since the
+        # pool was not empty (fp_idle_queue) and nothing else ran meanwhile.
+        free.append(chunk)
+        q.fast_path += 1
+        return q, None, result
     # in flight, failed, or its data still in the chunk: the chunk is taken
-    free.pop()
     return q, [chunk], result
 
 
@@ -97,6 +104,26 @@ def fast_first(ctrl, ns, int opcode, uint64_t lba, size_t nbytes, uint32_t cdw12
         return fp_first(ctrl, ns.nsid, ns.lba_size, opcode, lba, nbytes, cdw12, data_out, False, 0, 0)
     return fp_first(ctrl, ns.nsid, ns.lba_size, opcode, lba, nbytes, cdw12, data_out, True,
                     window[0], window[1])
+
+
+cdef void fp_unwind(tuple pending, object lock, uint64_t first, uint64_t count) noexcept:
+    """The lane submitted a command but could not hand it to a task (an
+    exception on the way; the shim then answers EIO): leave the command to
+    complete on its own without leaking its range or its chunk."""
+    q, chunks, rc = pending
+    try:
+        if type(rc) is not int:         # adopted: the completion gives the chunk back
+            rc.abandoned = True
+            rc.chunks = list(chunks)
+            q.listen(rc)                # ... once the completion task takes it
+        elif rc >= 0:                   # completed with an error: nothing touches the chunk
+            q.bounce.give(chunks)
+        # else still in flight and not adopted: the chunk stays out of the
+        # pool rather than be reused under DMA
+        if lock is not None:
+            lock.release(first, first + count)
+    except BaseException:
+        pass
 
 
 cdef object fp_now_ns():
@@ -142,8 +169,14 @@ cdef class DirectLane:
         if (<tuple>pending)[1] is None:
             self.counts["read"] += 1
             return (<tuple>pending)[2]
-        pending = ns._fast_adopt(pending, FP_READ)
-        fs.nursery.start_soon(fs._lane_read_task, req, ns, first, count, skip, size, pending)
+        try:
+            # adopted at once, before any other task could reap the
+            # completion and find no slot for it
+            pending = ns._fast_adopt(pending, FP_READ)
+            fs.nursery.start_soon(fs._lane_read_task, req, ns, first, count, skip, size, pending)
+        except BaseException:
+            fp_unwind(pending, None, 0, 0)
+            raise
         return self.taken
 
     def write(self, req, uint64_t fh, uint64_t off, data):
@@ -175,6 +208,10 @@ cdef class DirectLane:
         # still in flight or failed: from here the write holds its range
         # like any other until it ends (the lock was free: this cannot fail)
         lock.try_acquire(first, first + count)
-        pending = ns._fast_adopt(pending, FP_WRITE)
-        fs.nursery.start_soon(fs._lane_write_task, req, ns, off, bytes(data), lock, pending)
+        try:
+            pending = ns._fast_adopt(pending, FP_WRITE)
+            fs.nursery.start_soon(fs._lane_write_task, req, ns, off, bytes(data), lock, pending)
+        except BaseException:
+            fp_unwind(pending, lock, first, count)
+            raise
         return self.taken

@@ -259,3 +259,75 @@ async def test_lane_writes_serialise_with_read_modify_writes_and_fallocate(trans
         # the race exercised every way a lane write can go
         assert modes == {"inline", "taken", "declined"}, modes
         nursery.cancel_scope.cancel()
+
+
+async def test_lane_adopts_a_taken_command_before_anyone_can_reap_it(transport, monkeypatch):
+    """The completion of a command that outlived the poll may be reaped by
+    another task (a submitter finding the queue busy, spin(), the interrupt
+    loop) before the lane's task first runs: its slot must already exist."""
+    import time
+    replies = Replies(monkeypatch)
+    async with open_controller(transport, io_queues=1, spin_us=50) as c, trio.open_nursery() as nursery:
+        ns = c.namespaces[1]
+        fs = NvmeFS(c)
+        fs.nursery = nursery
+        fh = ns.nsid + 1
+        q = c.io_qs[0]
+        transport.model.inject(0x02, action="delay", delay_ms=20)
+        assert fs.lane_read(1, fh, 0, 4096) is fuseshim.TAKEN
+        time.sleep(0.1)                 # the completion lands before the lane's task runs
+        assert q._deliver() == 1
+        assert (await replies.wait(1)) == ("data", bytes(4096))
+        nursery.cancel_scope.cancel()
+
+
+async def test_lane_commands_taken_across_a_reset_and_a_shutdown(transport, monkeypatch):
+    replies = Replies(monkeypatch)
+    async with trio.open_nursery() as nursery:
+        async with open_controller(transport, io_queues=1, spin_us=50, timeout=0.5) as c:
+            ns = c.namespaces[1]
+            fs = NvmeFS(c)
+            fs.nursery = nursery
+            fh = ns.nsid + 1
+            data = os.urandom(8192)
+            await fs.write(fh, 0, data)
+            # lost by the controller: the watchdog aborts, resets, and the
+            # task reads again on the new queues
+            transport.model.inject(0x02, action="drop")
+            assert fs.lane_read(1, fh, 0, 8192) is fuseshim.TAKEN
+            assert await replies.wait(1) == ("data", data)
+            q = c.io_qs[0]
+            assert q.qp.outstanding == 0 and len(q.bounce.free) == q.bounce.capacity()
+            # in flight when the controller shuts down: answered once, with an error
+            transport.model.inject(0x01, action="delay", delay_ms=300)
+            assert fs.lane_write(2, fh, 0, memoryview(bytes(4096))) is fuseshim.TAKEN
+        assert (await replies.wait(2))[0] == "err"
+        assert fs.lane_read(3, fh, 0, 4096) is None         # a closed controller: declined
+        assert fs._lock(ns).held == []
+
+
+async def test_lane_that_cannot_start_its_task_leaks_nothing(transport, monkeypatch):
+    class Closed:
+        def start_soon(self, *a):
+            raise RuntimeError("Nursery is closed to new arrivals")
+
+    async with open_controller(transport, io_queues=1, spin_us=50) as c:
+        ns = c.namespaces[1]
+        fs = NvmeFS(c)
+        fs.nursery = Closed()
+        fh = ns.nsid + 1
+        q = c.io_qs[0]
+        transport.model.inject(0x01, action="delay", delay_ms=30)
+        with pytest.raises(RuntimeError):           # the shim answers EIO
+            fs.lane_write(1, fh, 0, memoryview(bytes(4096)))
+        assert fs._lock(ns).held == []
+
+        async def pool_whole():                     # the completion gives the chunk back
+            with trio.fail_after(5):
+                while q.qp.outstanding or len(q.bounce.free) != q.bounce.capacity():
+                    await trio.sleep(0.01)
+        await pool_whole()
+        transport.model.inject(0x02, action="fail", sct=2, sc=0x81, dnr=True)
+        with pytest.raises(RuntimeError):           # failed inside the poll, or after it
+            fs.lane_read(2, fh, 0, 4096)
+        await pool_whole()

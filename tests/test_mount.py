@@ -91,8 +91,9 @@ def test_direct_lane_serves_aligned_io_and_can_be_turned_off(paths, tmp_path, la
         if lane:
             # each of the 2049 aligned requests found an idle queue (dd is QD1):
             # answered inline, or continued in a task when the poll gave up
-            assert st["on"] and st["read"] and st["write"], st
-            assert st["read"] + st["write"] + st["continued"] >= 2049, st
+            # (on a host where the controller's thread must share a CPU with
+            # the daemon, nearly all of them are)
+            assert st["on"] and st["read"] + st["write"] + st["continued"] >= 2049, st
         else:
             assert st == {"read": 0, "write": 0, "continued": 0, "on": False}
         r = run_cli("stats", mnt)
@@ -296,9 +297,13 @@ def test_fault_injection_through_the_mount(paths):
         try:
             import mmap
             buf = mmap.mmap(-1, 4096)
+            lane = json.loads(os.getxattr(mnt, "user.nvmefs.stats"))["direct_lane"]
             with pytest.raises(OSError) as ei:
                 os.preadv(fd, [buf], 0)
             assert ei.value.errno == 5
+            # the failed read was the direct lane's, answered by its task
+            after = json.loads(os.getxattr(mnt, "user.nvmefs.stats"))["direct_lane"]
+            assert after["continued"] == lane["continued"] + 1 and after["read"] == lane["read"]
             assert os.preadv(fd, [buf], 0) == 4096 and buf[:4] == b"\x42" * 4
         finally:
             os.close(fd)
@@ -309,8 +314,6 @@ def test_fault_injection_through_the_mount(paths):
         stats = json.loads(os.getxattr(mnt, "user.nvmefs.stats"))
         assert stats["resets"] >= 1
         assert stats["errors_by_status"].get("UNRECOVERED_READ_ERROR") == 1
-        # the failed read was the direct lane's: a task answered it with EIO
-        assert stats["direct_lane"]["continued"] >= 1
         r = run_cli("stats", mnt)
         assert r.returncode == 0 and "resets" in r.stdout
 

@@ -7,7 +7,9 @@ from cpython.buffer cimport PyBUF_READ, PyObject_GetBuffer, PyBuffer_Release, Py
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
 from cpython.memoryview cimport PyMemoryView_FromMemory
 from libc.errno cimport EIO, EOPNOTSUPP
+from libc.limits cimport INT_MIN
 from libc.stdint cimport uintptr_t
+from libc.stdlib cimport abort
 
 cdef extern from "fuse_shim.h" nogil:
     ctypedef void* fuse_req_t
@@ -57,13 +59,18 @@ cdef object _TAKEN = TAKEN
 
 
 cdef void _lane_failed(fuse_req_t req, str what) noexcept:
-    # the lane raised before taking the request: answer it here, exactly once
-    import logging
-    logging.getLogger("nvmefs.fuse").exception("direct lane %s failed", what)
+    # the lane raised instead of answering or taking the request: answer it
+    # here, exactly once, and only then log (which could itself fail)
     fuse_reply_err(req, EIO)
+    try:
+        import logging
+        logging.getLogger("nvmefs.fuse").exception("direct lane %s failed", what)
+    except BaseException:
+        pass
 
 
-cdef int _reply_data(fuse_req_t req, object data) except -1:
+# libfuse's replies return 0 or -errno: INT_MIN alone signals an exception
+cdef int _reply_data(fuse_req_t req, object data) except? INT_MIN:
     cdef Py_buffer view
     if type(data) is bytes:
         return fuse_reply_buf(req, PyBytes_AS_STRING(data), <size_t>PyBytes_GET_SIZE(data))
@@ -81,15 +88,17 @@ cdef void _on_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, fuse_
     if handler is not None and fi != NULL:
         try:
             r = handler(<uintptr_t>req, fi.fh, off, size)
-            if r is None:
-                pass
-            elif r is not _TAKEN:
-                _reply_data(req, r)
-                return
-            else:
-                return
         except BaseException:
             _lane_failed(req, "read")
+            return
+        if r is _TAKEN:
+            return
+        if r is not None:
+            try:
+                _reply_data(req, r)
+            except BaseException:
+                # not a buffer: nothing was sent
+                _lane_failed(req, "read")
             return
     nvmefs_fuse_orig_read(req, ino, size, off, fi)
 
@@ -108,19 +117,32 @@ cdef void _on_write_buf(fuse_req_t req, fuse_ino_t ino, fuse_bufvec *bufv, off_t
         try:
             # valid only during this call: a lane that keeps the data copies it
             data = PyMemoryView_FromMemory(mem, n, PyBUF_READ)
-            try:
-                r = handler(<uintptr_t>req, fi.fh, off, data)
-            finally:
-                data.release()
-            if r is None:
-                pass
-            elif r is not _TAKEN:
-                fuse_reply_write(req, <size_t>r)
-                return
-            else:
-                return
         except BaseException:
             _lane_failed(req, "write")
+            return
+        failed = False
+        try:
+            r = handler(<uintptr_t>req, fi.fh, off, data)
+        except BaseException:
+            failed = True
+        try:
+            data.release()
+        except BaseException:
+            # an export of libfuse's buffer outlived the call, and libfuse
+            # reuses that buffer for the next request: no safe way on
+            abort()
+        if failed:
+            _lane_failed(req, "write")
+            return
+        if r is _TAKEN:
+            return
+        if r is not None:
+            try:
+                n = <size_t>r
+            except BaseException:
+                _lane_failed(req, "write")
+                return
+            fuse_reply_write(req, n)
             return
     nvmefs_fuse_orig_write_buf(req, ino, bufv, off, fi)
 
