@@ -234,44 +234,41 @@ class NvmeFS(pyfuse3.Operations):
     # them are below.
 
     async def _lane_read_task(self, req, ns, first, count, skip, size, pending):
-        self.lane["continued"] += 1
-        data, err = None, errno.EINTR       # cancelled: the shutdown gave up waiting on it
-        try:
-            data = await ns._command(IO_READ, lba=first, nbytes=count * ns.lba_size, window=(skip, size),
-                                     pending=pending, cdw10=first & 0xFFFFFFFF, cdw11=first >> 32,
-                                     cdw12=count - 1)
-            err = 0
-        except (NvmeError, ControllerError) as exc:
-            err = self._io_error(ns, f"read at {first * ns.lba_size + skip}+{size}", exc).errno
-        except Exception:
-            log.exception("direct lane read at LBA %d+%d failed", first, count)
-            err = errno.EIO
-        finally:
-            if err:
-                fuseshim.reply_err(req, err)
-            else:
-                fuseshim.reply_buf(req, data)
+        await self._lane_finish(
+            req, ns, f"read at {first * ns.lba_size + skip}+{size}", fuseshim.reply_buf,
+            lambda: ns._command(IO_READ, lba=first, nbytes=count * ns.lba_size, window=(skip, size),
+                                pending=pending, cdw10=first & 0xFFFFFFFF, cdw11=first >> 32, cdw12=count - 1))
 
     async def _lane_write_task(self, req, ns, off, data, lock, pending):
-        self.lane["continued"] += 1
         bs = ns.lba_size
         first, count = off // bs, len(data) // bs
-        err = errno.EINTR
+        await self._lane_finish(
+            req, ns, f"write at {off}+{len(data)}", lambda req, _: fuseshim.reply_write(req, len(data)),
+            lambda: ns._command(IO_WRITE, lba=first, nbytes=len(data), data_out=memoryview(data),
+                                pending=pending, cdw10=first & 0xFFFFFFFF, cdw11=first >> 32, cdw12=count - 1),
+            release=lambda: lock.release(first, first + count))
+
+    async def _lane_finish(self, req, ns, what, answer, command, release=None):
+        """Run ``command()`` and answer ``req`` exactly once: answer(req,
+        result), or the errno (EIO for a failed command, EINTR when the
+        shutdown cancelled it); ``release`` runs before the answer."""
+        self.lane["continued"] += 1
+        result, err = None, errno.EINTR
         try:
-            await ns._command(IO_WRITE, lba=first, nbytes=len(data), data_out=memoryview(data), pending=pending,
-                              cdw10=first & 0xFFFFFFFF, cdw11=first >> 32, cdw12=count - 1)
+            result = await command()
             err = 0
         except (NvmeError, ControllerError) as exc:
-            err = self._io_error(ns, f"write at {off}+{len(data)}", exc).errno
+            err = self._io_error(ns, what, exc).errno
         except Exception:
-            log.exception("direct lane write at LBA %d+%d failed", first, count)
+            log.exception("direct lane %s failed", what)
             err = errno.EIO
         finally:
-            lock.release(first, first + count)
+            if release is not None:
+                release()
             if err:
                 fuseshim.reply_err(req, err)
             else:
-                fuseshim.reply_write(req, len(data))
+                answer(req, result)
 
     # -- fallocate: reached through nvmefs._fuseshim (pyfuse3 has no handler) --
 

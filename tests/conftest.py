@@ -29,6 +29,15 @@ def regs():
     return _core.RegisterFile(0x1000 + 64 * 8)
 
 
+@pytest.fixture
+def transport():
+    """The built-in controller on memory: one 16 MiB namespace of 4 KiB LBAs."""
+    from nvmefs.transport import ModelTransport
+    t = ModelTransport(namespaces=((16 << 20, 4096),), arena_size=64 << 20)
+    yield t
+    t.close()
+
+
 class FakeController:
     """A deterministic, single-threaded stand-in for a controller: reads the
     SQ only up to the doorbell the host wrote and posts CQEs with the right

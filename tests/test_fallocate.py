@@ -10,17 +10,9 @@ import pytest
 from nvmefs.controller import open_controller
 from nvmefs.fusefs import NvmeFS
 from nvmefs.namespace import ONCS_DSM, ONCS_WRITE_ZEROES
-from nvmefs.transport import ModelTransport
+from racehelp import KEEP, PUNCH, ZERO, RangeOrder, apply, race
 
 MiB = 1 << 20
-KEEP, PUNCH, ZERO = 0x01, 0x02, 0x10
-
-
-@pytest.fixture
-def transport():
-    t = ModelTransport(namespaces=((16 * MiB, 4096),), arena_size=64 * MiB)
-    yield t
-    t.close()
 
 
 @pytest.mark.parametrize("oncs,dlfeat,want", [
@@ -82,29 +74,13 @@ async def test_concurrent_writes_and_fallocate_serialise_per_range(transport):
         ns = c.namespaces[1]
         fs = NvmeFS(c)
         fh = ns.nsid + 1
-        lock = fs._lock(ns)
-        order, op_of = [], {}
-        try_acquire, acquire = lock.try_acquire, lock.acquire
-
-        def took():
-            order.append(op_of.get(trio.lowlevel.current_task()))
-
-        def try_acquire_rec(a, b):
-            ok = try_acquire(a, b)
-            if ok:
-                took()
-            return ok
-
-        async def acquire_rec(a, b):
-            await acquire(a, b)
-            took()
-        lock.try_acquire, lock.acquire = try_acquire_rec, acquire_rec
+        rec = RangeOrder(fs._lock(ns))
 
         for seed in range(8):
             rng = random.Random(seed)
             start = bytes(rng.getrandbits(8) for _ in range(region))
             await fs.write(fh, 0, start)
-            order.clear()
+            rec.order.clear()
             ops = []
             for i in range(40):
                 off = rng.randrange(0, region - 6000)
@@ -113,20 +89,7 @@ async def test_concurrent_writes_and_fallocate_serialise_per_range(transport):
                 ops.append((kind, off, n, bytes([i + 1]) * n if kind == "write" else None))
 
             async def run(i):
-                op_of[trio.lowlevel.current_task()] = i
-                kind, off, n, data = ops[i]
-                if kind == "write":
-                    assert await fs.write(fh, off, data) == n
-                else:
-                    await fs.fallocate(fh, (PUNCH | KEEP) if kind == "punch" else ZERO, off, n)
+                rec.op_of[trio.lowlevel.current_task()] = i
+                await apply(fs, fh, ops[i])
 
-            async with trio.open_nursery() as nursery:
-                for i in range(len(ops)):
-                    nursery.start_soon(run, i)
-
-            assert sorted(order) == list(range(len(ops)))
-            ref = bytearray(start)
-            for i in order:
-                kind, off, n, data = ops[i]
-                ref[off:off + n] = data if kind == "write" else bytes(n)
-            assert await fs.read(fh, 0, region) == ref, f"seed {seed}"
+            await race(fs, fh, start, ops, rec, run)

@@ -1,6 +1,7 @@
 """The direct lane (NvmeFS.lane_read / lane_write): what libfuse's dispatch
 calls through nvmefs._fuseshim before pyfuse3's handlers.  Called directly
 here, with the FUSE replies captured; the real mount is in test_mount.py."""
+import contextlib
 import errno
 import os
 import random
@@ -11,17 +12,9 @@ import trio
 from nvmefs import fuseshim
 from nvmefs.controller import open_controller
 from nvmefs.fusefs import NvmeFS
-from nvmefs.transport import ModelTransport
+from racehelp import RangeOrder, apply, race
 
 MiB = 1 << 20
-KEEP, PUNCH, ZERO = 0x01, 0x02, 0x10
-
-
-@pytest.fixture
-def transport():
-    t = ModelTransport(namespaces=((16 * MiB, 4096),), arena_size=64 * MiB)
-    yield t
-    t.close()
 
 
 class Replies:
@@ -47,6 +40,17 @@ class Replies:
         with trio.fail_after(10):
             await self.event(req).wait()
         return self.got[req]
+
+
+@contextlib.asynccontextmanager
+async def lane_fs(transport, **controller_kw):
+    """A controller and an NvmeFS serving (its task nursery set), as the
+    mount has them: (controller, namespace, fs, the namespace's fh)."""
+    async with open_controller(transport, **controller_kw) as c, trio.open_nursery() as nursery:
+        ns = c.namespaces[1]
+        fs = NvmeFS(c)
+        fs.nursery = nursery
+        yield c, ns, fs, ns.nsid + 1
 
 
 async def _answer(fs, replies, req, r):
@@ -99,16 +103,11 @@ async def test_lane_answers_inline_and_declines_what_it_cannot_serve(transport, 
         assert not replies.got
         assert fs.lane == {"read": 2, "write": 1, "continued": 0}
         assert await fs.read(fh, 8192, len(data)) == data
-        nursery.cancel_scope.cancel()
 
 
 async def test_lane_hands_slow_commands_to_a_task_which_answers_once(transport, monkeypatch):
     replies = Replies(monkeypatch)
-    async with open_controller(transport, io_queues=1, spin_us=50) as c, trio.open_nursery() as nursery:
-        ns = c.namespaces[1]
-        fs = NvmeFS(c)
-        fs.nursery = nursery
-        fh = ns.nsid + 1
+    async with lane_fs(transport, io_queues=1, spin_us=50) as (c, ns, fs, fh):
         q = c.io_qs[0]
         data = os.urandom(8192)
         transport.model.inject(0x01, action="delay", delay_ms=50)
@@ -124,17 +123,11 @@ async def test_lane_hands_slow_commands_to_a_task_which_answers_once(transport, 
         assert await replies.wait(3) == ("data", data[10:8010])
         assert fs.lane["continued"] == 2
         assert q.qp.outstanding == 0 and q.waiting == 0 and len(q.bounce.free) == q.bounce.capacity()
-        nursery.cancel_scope.cancel()
 
 
 async def test_lane_errors_follow_the_retry_rules_and_fail_only_their_request(transport, monkeypatch):
     replies = Replies(monkeypatch)
-    async with open_controller(transport, io_queues=1, spin_us=50_000, retries=2) as c, \
-            trio.open_nursery() as nursery:
-        ns = c.namespaces[1]
-        fs = NvmeFS(c)
-        fs.nursery = nursery
-        fh = ns.nsid + 1
+    async with lane_fs(transport, io_queues=1, spin_us=50_000, retries=2) as (c, ns, fs, fh):
         data = os.urandom(4096)
         assert fs.lane_write(1, fh, 0, memoryview(data)) == 4096
         # media error: EIO for this read, counted and logged once, no resubmission
@@ -158,7 +151,6 @@ async def test_lane_errors_follow_the_retry_rules_and_fail_only_their_request(tr
         assert await replies.wait(5) == ("err", errno.EIO)
         assert qp.submitted - before == 3
         assert fs._lock(ns).held == []
-        nursery.cancel_scope.cancel()
 
 
 async def test_lane_writes_serialise_with_read_modify_writes_and_fallocate(transport, monkeypatch):
@@ -170,32 +162,11 @@ async def test_lane_writes_serialise_with_read_modify_writes_and_fallocate(trans
     may write back bytes a lane write replaced meanwhile."""
     replies = Replies(monkeypatch)
     region = 32 * 1024
-    async with open_controller(transport, io_queues=2, spin_us=1) as c, trio.open_nursery() as nursery:
+    async with lane_fs(transport, io_queues=2, spin_us=1) as (c, ns, fs, fh):
         # the lane alternates queues: on one its commands nearly always
         # outlive the poll, on the other they nearly always complete in it
         c.io_qs[1].spin_ns = 2_000_000
-        ns = c.namespaces[1]
-        fs = NvmeFS(c)
-        fs.nursery = nursery
-        fh = ns.nsid + 1
-        lock = fs._lock(ns)
-        order, op_of = [], {}
-        try_acquire, acquire = lock.try_acquire, lock.acquire
-        current = [None]            # the lane op being dispatched (the lane runs synchronously)
-
-        def took():
-            order.append(current[0] if current[0] is not None else op_of.get(trio.lowlevel.current_task()))
-
-        def try_acquire_rec(a, b):
-            ok = try_acquire(a, b)
-            if ok:
-                took()
-            return ok
-
-        async def acquire_rec(a, b):
-            await acquire(a, b)
-            took()
-        lock.try_acquire, lock.acquire = try_acquire_rec, acquire_rec
+        rec = RangeOrder(fs._lock(ns))
         modes = set()
 
         # at least 8 rounds, more (up to 40) until lane writes have gone
@@ -206,7 +177,7 @@ async def test_lane_writes_serialise_with_read_modify_writes_and_fallocate(trans
             rng = random.Random(seed)
             start = bytes(rng.getrandbits(8) for _ in range(region))
             await fs.write(fh, 0, start)
-            order.clear()
+            rec.order.clear()
             ops = []
             for i in range(48):
                 kind = rng.choice(["lane", "lane", "write", "punch", "zero"])
@@ -223,16 +194,16 @@ async def test_lane_writes_serialise_with_read_modify_writes_and_fallocate(trans
 
             async def run(i):
                 await trio.sleep(delays[i])
-                op_of[trio.lowlevel.current_task()] = i
+                rec.op_of[trio.lowlevel.current_task()] = i
                 kind, off, n, data = ops[i]
                 if kind == "lane":
-                    current[0] = i
+                    rec.current = i
                     try:
                         r = fs.lane_write(1000 * seed + i, fh, off, memoryview(data))
                     finally:
-                        current[0] = None
+                        rec.current = None
                     if r == n:
-                        order.append(i)             # took effect inside the call: nothing overlapped
+                        rec.took(i)                 # took effect inside the call: nothing overlapped
                         modes.add("inline")
                     elif r is fuseshim.TAKEN:
                         modes.add("taken")          # recorded by try_acquire
@@ -241,24 +212,12 @@ async def test_lane_writes_serialise_with_read_modify_writes_and_fallocate(trans
                         assert r is None
                         modes.add("declined")       # as pyfuse3 would: the general path
                         assert await fs.write(fh, off, data) == n
-                elif kind == "write":
-                    assert await fs.write(fh, off, data) == n
                 else:
-                    await fs.fallocate(fh, (PUNCH | KEEP) if kind == "punch" else ZERO, off, n)
+                    await apply(fs, fh, ops[i])
 
-            async with trio.open_nursery() as inner:
-                for i in range(len(ops)):
-                    inner.start_soon(run, i)
-
-            assert sorted(order) == list(range(len(ops)))
-            ref = bytearray(start)
-            for i in order:
-                kind, off, n, data = ops[i]
-                ref[off:off + n] = data if kind in ("lane", "write") else bytes(n)
-            assert await fs.read(fh, 0, region) == ref, f"seed {seed}"
+            await race(fs, fh, start, ops, rec, run)
         # the race exercised every way a lane write can go
         assert modes == {"inline", "taken", "declined"}, modes
-        nursery.cancel_scope.cancel()
 
 
 async def test_lane_adopts_a_taken_command_before_anyone_can_reap_it(transport, monkeypatch):
@@ -267,18 +226,13 @@ async def test_lane_adopts_a_taken_command_before_anyone_can_reap_it(transport, 
     loop) before the lane's task first runs: its slot must already exist."""
     import time
     replies = Replies(monkeypatch)
-    async with open_controller(transport, io_queues=1, spin_us=50) as c, trio.open_nursery() as nursery:
-        ns = c.namespaces[1]
-        fs = NvmeFS(c)
-        fs.nursery = nursery
-        fh = ns.nsid + 1
+    async with lane_fs(transport, io_queues=1, spin_us=50) as (c, ns, fs, fh):
         q = c.io_qs[0]
         transport.model.inject(0x02, action="delay", delay_ms=20)
         assert fs.lane_read(1, fh, 0, 4096) is fuseshim.TAKEN
         time.sleep(0.1)                 # the completion lands before the lane's task runs
         assert q._deliver() == 1
         assert (await replies.wait(1)) == ("data", bytes(4096))
-        nursery.cancel_scope.cancel()
 
 
 async def test_lane_commands_taken_across_a_reset_and_a_shutdown(transport, monkeypatch):
