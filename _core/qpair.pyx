@@ -23,6 +23,14 @@ cdef enum:
     DEFAULT_MAX_SGL_SEGMENTS = 256
 
 
+cdef extern from "<sched.h>" nogil:
+    int sched_yield()
+
+# Hybrid polling spins this long on the CPU before it starts yielding it
+# each round (a polled command usually completes within a few us).
+DEF SPIN_YIELD_AFTER_NS = 8000
+
+
 cdef class QueuePair:
     """``QueuePair(arena, regs, qid, entries, dstrd=0, max_transfer=2 MiB,
     max_sgl_segments=256)``: rings of ``entries`` slots, ``entries-1``
@@ -322,15 +330,21 @@ cdef class QueuePair:
         thread that is about to sleep on the interrupt fd checks the phase
         bit for a few microseconds first, which on a VM is much cheaper than
         being woken).  True when a completion is ready."""
-        cdef uint64_t deadline
+        cdef uint64_t start, now, deadline
         if self.cq_ready():
             return True
-        deadline = nvmefs_now_ns() + max_ns
-        while nvmefs_now_ns() < deadline:
-            cpu_relax()
+        start = nvmefs_now_ns()
+        deadline = start + max_ns
+        while True:
+            now = nvmefs_now_ns()
+            if now >= deadline:
+                return False
+            if now - start > SPIN_YIELD_AFTER_NS:
+                sched_yield()           # as in poll_one()
+            else:
+                cpu_relax()
             if self.cq_ready():
                 return True
-        return False
 
     cdef long long poll_one(self, uint8_t opc, uint32_t nsid, uint64_t slba, uint32_t cdw12,
                             uint64_t iova, uint32_t nbytes, bint is_read, uint64_t spin_ns) except? -0x7fffffffffff:
@@ -347,7 +361,7 @@ cdef class QueuePair:
         cdef dma_seg seg
         cdef int rc, n, i
         cdef uint16_t cid
-        cdef uint64_t deadline
+        cdef uint64_t start, now, deadline
         if self.cids.free_count != self.cids.depth:
             from nvmefs.errors import QueueBusy
             raise QueueBusy(f"queue {self.qid}: commands in flight")
@@ -365,7 +379,8 @@ cdef class QueuePair:
             raise_submit_error(self, rc)
         cid = self.cids.get(rc).cid
         # the GIL stays held: nothing else in this process may run meanwhile
-        deadline = nvmefs_now_ns() + spin_ns
+        start = nvmefs_now_ns()
+        deadline = start + spin_ns
         while True:
             if self.cq_ready():
                 # nothing else is in flight: the CQE is ours, or a stale one
@@ -374,9 +389,16 @@ cdef class QueuePair:
                 for i in range(n):
                     if self.out_cqe[i].cid == cid:
                         return (self.out_cqe[i].status & 0xFFFE) | (<long long>cid << 16)
-            if nvmefs_now_ns() >= deadline:
+            now = nvmefs_now_ns()
+            if now >= deadline:
                 return -1 - <long long>cid
-            cpu_relax()
+            if now - start > SPIN_YIELD_AFTER_NS:
+                # Slower than a command usually is: perhaps the device's
+                # thread (the built-in controller) waits for this very CPU.
+                # Offer it; with nobody waiting this returns at once.
+                sched_yield()
+            else:
+                cpu_relax()
 
     def submit_poll(self, uint8_t opc, uint32_t nsid, uint64_t slba, uint32_t cdw12, uint64_t iova,
                     uint32_t nbytes, bint is_read, uint64_t spin_ns):

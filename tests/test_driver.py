@@ -320,6 +320,26 @@ async def test_fast_path_one_native_round_trip_per_command(make_transport):
         assert min(spread) >= 0.3 * sum(spread), spread
 
 
+async def test_polling_yields_the_cpu_to_a_controller_thread_sharing_it(make_transport):
+    """With the daemon and the built-in controller's thread on one CPU, a
+    poll that kept the CPU for its whole window would never see the
+    command complete (every one then pays the window and a wake-up).  The
+    poll yields once it has spun longer than a command usually takes."""
+    old = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {min(old)})     # the controller's thread inherits it
+    try:
+        t = make_transport()
+        async with open_controller(t, io_queues=1, spin_us=30) as c:
+            ns, q = c.namespaces[1], c.io_qs[0]
+            await ns.write(0, bytes(4096))
+            before = q.fast_path
+            for i in range(200):
+                await ns.read_window(i % 8, 1, 0, 512)
+            assert q.fast_path - before >= 100, q.fast_path - before
+    finally:
+        os.sched_setaffinity(0, old)
+
+
 async def test_fast_path_command_that_outlives_polling_is_waited_for(make_transport):
     t = make_transport()
     async with open_controller(t, io_queues=1, spin_us=20) as c:
