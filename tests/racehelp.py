@@ -61,3 +61,14 @@ async def race(fs, fh, start, ops, rec, run):
         for i in range(len(ops)):
             nursery.start_soon(run, i)
     assert await fs.read(fh, 0, len(start)) == replay(start, ops, rec.order)
+
+
+async def new_round(fs, fh, rec, seed, region):
+    """Fill the first ``region`` bytes with seeded noise and forget the last
+    round's order: (rng, start bytes)."""
+    import random
+    rng = random.Random(seed)
+    start = bytes(rng.getrandbits(8) for _ in range(region))
+    await fs.write(fh, 0, start)
+    rec.order.clear()
+    return rng, start

@@ -10,7 +10,7 @@ import pytest
 from nvmefs.controller import open_controller
 from nvmefs.fusefs import NvmeFS
 from nvmefs.namespace import ONCS_DSM, ONCS_WRITE_ZEROES
-from racehelp import KEEP, PUNCH, ZERO, RangeOrder, apply, race
+from racehelp import KEEP, PUNCH, ZERO, RangeOrder, apply, new_round, race
 
 MiB = 1 << 20
 
@@ -65,8 +65,6 @@ async def test_concurrent_writes_and_fallocate_serialise_per_range(transport):
     no polling every command yields, so the tasks really interleave.  The
     result must equal the operations applied one by one in the order they
     took the range lock: no edge write-back may lose another's bytes."""
-    import random
-
     import trio
 
     region = 32 * 1024
@@ -77,10 +75,7 @@ async def test_concurrent_writes_and_fallocate_serialise_per_range(transport):
         rec = RangeOrder(fs._lock(ns))
 
         for seed in range(8):
-            rng = random.Random(seed)
-            start = bytes(rng.getrandbits(8) for _ in range(region))
-            await fs.write(fh, 0, start)
-            rec.order.clear()
+            rng, start = await new_round(fs, fh, rec, seed, region)
             ops = []
             for i in range(40):
                 off = rng.randrange(0, region - 6000)

@@ -4,7 +4,6 @@ here, with the FUSE replies captured; the real mount is in test_mount.py."""
 import contextlib
 import errno
 import os
-import random
 
 import pytest
 import trio
@@ -12,7 +11,7 @@ import trio
 from nvmefs import fuseshim
 from nvmefs.controller import open_controller
 from nvmefs.fusefs import NvmeFS
-from racehelp import RangeOrder, apply, race
+from racehelp import RangeOrder, apply, new_round, race
 
 MiB = 1 << 20
 
@@ -174,10 +173,7 @@ async def test_lane_writes_serialise_with_read_modify_writes_and_fallocate(trans
         for seed in range(40):
             if seed >= 8 and modes == {"inline", "taken", "declined"}:
                 break
-            rng = random.Random(seed)
-            start = bytes(rng.getrandbits(8) for _ in range(region))
-            await fs.write(fh, 0, start)
-            rec.order.clear()
+            rng, start = await new_round(fs, fh, rec, seed, region)
             ops = []
             for i in range(48):
                 kind = rng.choice(["lane", "lane", "write", "punch", "zero"])
