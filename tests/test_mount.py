@@ -91,8 +91,7 @@ def test_direct_lane_serves_aligned_io_and_can_be_turned_off(paths, tmp_path, la
         if lane:
             # each of the 2049 aligned requests found an idle queue (dd is QD1):
             # answered inline, or continued in a task when the poll gave up
-            # (on a host where the controller's thread must share a CPU with
-            # the daemon, nearly all of them are)
+            # (how many of each depends on how loaded the host is)
             assert st["on"] and st["read"] + st["write"] + st["continued"] >= 2049, st
         else:
             assert st == {"read": 0, "write": 0, "continued": 0, "on": False}
