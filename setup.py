@@ -51,12 +51,12 @@ def pkg_config(flag, default):
 
 
 # Separate from _core: it links libfuse and is loaded RTLD_GLOBAL (see
-# _core/fuseshim/fuse_shim.h), which the driver core has no business being.
+# _core/fuseshim/session_hook.h), which the driver core has no business being.
 fuse_cflags = pkg_config("--cflags", ["-I/usr/include/fuse3"])
 fuseshim = Extension(
     "nvmefs._fuseshim",
     sources=[os.path.join("_core", "fuseshim", "_fuseshim.pyx"),
-             os.path.join("_core", "fuseshim", "fuse_shim.c")],
+             os.path.join("_core", "fuseshim", "session_hook.c")],
     include_dirs=[os.path.join("_core", "fuseshim")] + [f[2:] for f in fuse_cflags if f.startswith("-I")],
     extra_compile_args=["-O2", "-std=gnu11"] + [f for f in fuse_cflags if not f.startswith("-I")],
     extra_link_args=pkg_config("--libs", ["-lfuse3"]) + ["-ldl"],

@@ -2,7 +2,7 @@
 symbol scope, so that pyfuse3's call of libfuse's fuse_session_new() goes
 through the wrapper that adds a fallocate operation and the direct lane's
 read and write handlers (see
-_core/fuseshim/fuse_shim.h for why pyfuse3 needs that).
+_core/fuseshim/session_hook.h for why pyfuse3 needs that).
 
 Import this before pyfuse3 calls pyfuse3.init(); importing it first of all
 also covers a pyfuse3 built with immediate binding (-z now).

@@ -1,5 +1,5 @@
 # cython: language_level=3
-"""Glue between the fuse_session_new wrapper (fuse_shim.c) and Python: the
+"""Glue between the fuse_session_new wrapper (session_hook.c) and Python: the
 fallocate callback calls a registered Python handler, which answers later
 through reply_err() (libfuse requests may be answered from any task); the
 read and write callbacks offer each request to the direct lane first."""
@@ -11,7 +11,7 @@ from libc.limits cimport INT_MIN
 from libc.stdint cimport uintptr_t
 from libc.stdlib cimport abort
 
-cdef extern from "fuse_shim.h" nogil:
+cdef extern from "session_hook.h" nogil:
     ctypedef void* fuse_req_t
     ctypedef unsigned long fuse_ino_t
     ctypedef long off_t

@@ -1,12 +1,12 @@
 /* Hand-written C, not Cython output (that is _fuseshim.c, which is ignored).
- * See fuse_shim.h for what it does and why. */
+ * See session_hook.h for what it does and why. */
 #define _GNU_SOURCE
 #include <dlfcn.h>
 #include <stdatomic.h>
 #include <errno.h>
 #include <string.h>
 
-#include "fuse_shim.h"
+#include "session_hook.h"
 
 typedef struct fuse_session *(*session_new_fn)(struct fuse_args *, const struct fuse_lowlevel_ops *,
                                                size_t, void *);

@@ -12,8 +12,8 @@
  * serve inside libfuse's dispatch, without a coroutine per request, and
  * hands every other request to pyfuse3's own handler.
  */
-#ifndef NVMEFS_FUSE_SHIM_H
-#define NVMEFS_FUSE_SHIM_H
+#ifndef NVMEFS_SESSION_HOOK_H
+#define NVMEFS_SESSION_HOOK_H
 
 #define FUSE_USE_VERSION 32
 #include <fuse_lowlevel.h>
