@@ -31,6 +31,17 @@ cdef extern from "<sched.h>" nogil:
 DEF SPIN_YIELD_AFTER_NS = 8000
 
 
+cdef inline void spin_pause(uint64_t spun_ns) noexcept nogil:
+    """One round of a hybrid-polling wait that has lasted ``spun_ns``.
+    Past a command's usual time, perhaps the device's thread (the built-in
+    controller) waits for this very CPU: offer it (with nobody waiting,
+    sched_yield returns at once)."""
+    if spun_ns > SPIN_YIELD_AFTER_NS:
+        sched_yield()
+    else:
+        cpu_relax()
+
+
 cdef class QueuePair:
     """``QueuePair(arena, regs, qid, entries, dstrd=0, max_transfer=2 MiB,
     max_sgl_segments=256)``: rings of ``entries`` slots, ``entries-1``
@@ -339,10 +350,7 @@ cdef class QueuePair:
             now = nvmefs_now_ns()
             if now >= deadline:
                 return False
-            if now - start > SPIN_YIELD_AFTER_NS:
-                sched_yield()           # as in poll_one()
-            else:
-                cpu_relax()
+            spin_pause(now - start)
             if self.cq_ready():
                 return True
 
@@ -392,13 +400,7 @@ cdef class QueuePair:
             now = nvmefs_now_ns()
             if now >= deadline:
                 return -1 - <long long>cid
-            if now - start > SPIN_YIELD_AFTER_NS:
-                # Slower than a command usually is: perhaps the device's
-                # thread (the built-in controller) waits for this very CPU.
-                # Offer it; with nobody waiting this returns at once.
-                sched_yield()
-            else:
-                cpu_relax()
+            spin_pause(now - start)
 
     def submit_poll(self, uint8_t opc, uint32_t nsid, uint64_t slba, uint32_t cdw12, uint64_t iova,
                     uint32_t nbytes, bint is_read, uint64_t spin_ns):
