@@ -190,9 +190,7 @@ cdef class DirectLane:
         bs = ns.lba_size
         if off % bs or n % bs or n > <uint64_t>ctrl.max_transfer or n // bs > FP_MAX_NLB:
             return None
-        lock = fs.locks.get(ns.nsid)
-        if lock is None:
-            lock = fs._lock(ns)
+        lock = fs._lock(ns)
         if lock.held:
             return None         # a read-modify-write or fallocate is in flight: queue behind it
         first = off // bs
