@@ -46,7 +46,7 @@ cdef object fp_first(object ctrl, uint32_t nsid, uint32_t lba_size, int opcode, 
     """One polled command on an idle queue: (queue, chunks, result), or
     None when no queue is idle.
 
-    ``result`` is what QueuePair.poll_read/poll_write/submit_poll return.
+    ``result`` is what QueuePair.poll_read/poll_write/poll_one return.
     ``chunks`` is None when the command completed inside the poll and its
     data is already out of the bounce chunk (a windowed read's bytes, a
     write): the chunk is back in the pool.  Otherwise it is [chunk], taken
@@ -71,14 +71,14 @@ cdef object fp_first(object ctrl, uint32_t nsid, uint32_t lba_size, int opcode, 
         if opcode == FP_WRITE:
             PyObject_GetBuffer(data_out, &src, PyBUF_SIMPLE)
             try:
-                rc = qp.c_poll_write(nsid, lba, cdw12, lba_size, buf, off, <const uint8_t *>src.buf,
+                rc = qp.poll_write(nsid, lba, cdw12, lba_size, buf, off, <const uint8_t *>src.buf,
                                      <size_t>src.len, spin_ns)
             finally:
                 PyBuffer_Release(&src)
             done = rc >= 0 and not rc & 0xFFFF
             result = rc
         elif windowed:
-            result = qp.c_poll_read(nsid, lba, cdw12, lba_size, buf, off, <uint32_t>nbytes, skip, size,
+            result = qp.poll_read(nsid, lba, cdw12, lba_size, buf, off, <uint32_t>nbytes, skip, size,
                                     spin_ns)
             done = type(result) is bytes
         else:

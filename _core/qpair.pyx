@@ -402,23 +402,13 @@ cdef class QueuePair:
                 return -1 - <long long>cid
             spin_pause(now - start)
 
-    def submit_poll(self, uint8_t opc, uint32_t nsid, uint64_t slba, uint32_t cdw12, uint64_t iova,
-                    uint32_t nbytes, bint is_read, uint64_t spin_ns):
-        """poll_one() for any buffer the caller placed in DMA memory."""
-        return self.poll_one(opc, nsid, slba, cdw12, iova, nbytes, is_read, spin_ns)
-
-    def poll_read(self, uint32_t nsid, uint64_t slba, uint32_t cdw12, uint32_t lba_size,
-                  DmaBuffer buf not None, size_t off, uint32_t nbytes, size_t skip, size_t size,
-                  uint64_t spin_ns):
+    cdef object poll_read(self, uint32_t nsid, uint64_t slba, uint32_t cdw12, uint32_t lba_size,
+                          DmaBuffer buf, size_t off, uint32_t nbytes, size_t skip, size_t size,
+                          uint64_t spin_ns):
         """A Read of ``nbytes`` into ``buf`` at ``off`` through poll_one();
         on success returns bytes [skip, skip+size) of the data (the FUSE
         read path: one copy, straight into the reply object).  Other outcomes
         return poll_one()'s integer."""
-        return self.c_poll_read(nsid, slba, cdw12, lba_size, buf, off, nbytes, skip, size, spin_ns)
-
-    cdef object c_poll_read(self, uint32_t nsid, uint64_t slba, uint32_t cdw12, uint32_t lba_size,
-                            DmaBuffer buf, size_t off, uint32_t nbytes, size_t skip, size_t size,
-                            uint64_t spin_ns):
         cdef long long rc
         if off + nbytes > buf.size or skip + size > nbytes:
             raise ValueError("poll_read: window outside the buffer")
@@ -429,17 +419,11 @@ cdef class QueuePair:
             return rc
         return PyBytes_FromStringAndSize(<char *>buf.vaddr + off + skip, size)
 
-    def poll_write(self, uint32_t nsid, uint64_t slba, uint32_t cdw12, uint32_t lba_size,
-                   DmaBuffer buf not None, size_t off, const uint8_t[::1] data, uint64_t spin_ns):
-        """Copy ``data`` into ``buf`` at ``off`` and Write it at ``slba``
-        through poll_one(); returns poll_one()'s integer."""
-        if data.shape[0] == 0:
-            raise ValueError("poll_write: data outside the buffer")
-        return self.c_poll_write(nsid, slba, cdw12, lba_size, buf, off, &data[0], data.shape[0], spin_ns)
-
-    cdef long long c_poll_write(self, uint32_t nsid, uint64_t slba, uint32_t cdw12, uint32_t lba_size,
-                                DmaBuffer buf, size_t off, const uint8_t *src, size_t n,
-                                uint64_t spin_ns) except? -0x7fffffffffff:
+    cdef long long poll_write(self, uint32_t nsid, uint64_t slba, uint32_t cdw12, uint32_t lba_size,
+                              DmaBuffer buf, size_t off, const uint8_t *src, size_t n,
+                              uint64_t spin_ns) except? -0x7fffffffffff:
+        """Copy ``n`` bytes from ``src`` into ``buf`` at ``off`` and Write
+        them at ``slba`` through poll_one(); returns poll_one()'s integer."""
         if off + n > buf.size or n == 0 or n > 0xFFFFFFFF:
             raise ValueError("poll_write: data outside the buffer")
         if ((cdw12 & 0xFFFF) + 1) * <uint64_t>lba_size != n:

@@ -124,7 +124,7 @@ class Namespace:
     # -- the single-command fast path ---------------------------------------------
     #
     # One bounce chunk and one native call (QueuePair.poll_read/poll_write/
-    # submit_poll: submit, ring, poll the CQ) on an I/O queue with nothing in
+    # poll_one: submit, ring, poll the CQ) on an I/O queue with nothing in
     # flight: no slot, no event, no scheduling round.  The choice of queue
     # and the call are _core.fast_first() (fastpath.pyx).  A command still in
     # flight when polling gives up is adopted and waited for like any other.
