@@ -126,6 +126,12 @@ cdef void fp_unwind(tuple pending, object lock, uint64_t first, uint64_t count) 
         pass
 
 
+def lane_unwind(tuple pending, lock, uint64_t first, uint64_t count):
+    """fp_unwind() for NvmeFS._lane_spawn: a task the lane asked for could
+    not be started."""
+    fp_unwind(pending, lock, first, count)
+
+
 cdef object fp_now_ns():
     cdef timespec ts
     clock_gettime(CLOCK_REALTIME, &ts)
@@ -172,8 +178,10 @@ cdef class DirectLane:
         try:
             # adopted at once, before any other task could reap the
             # completion and find no slot for it
-            pending = ns._fast_adopt(pending, FP_READ)
-            fs.nursery.start_soon(fs._lane_read_task, req, ns, first, count, skip, size, pending)
+            pending = ns._fast_adopt(pending, FP_READ, fs.clock.current_time())
+            # run_sync_soon, not start_soon: this may be the lane thread
+            fs.token.run_sync_soon(fs._lane_spawn, fs._lane_read_task,
+                                   (req, ns, first, count, skip, size, pending), None, 0, 0)
         except BaseException:
             fp_unwind(pending, None, 0, 0)
             raise
@@ -207,8 +215,9 @@ cdef class DirectLane:
         # like any other until it ends (the lock was free: this cannot fail)
         lock.try_acquire(first, first + count)
         try:
-            pending = ns._fast_adopt(pending, FP_WRITE)
-            fs.nursery.start_soon(fs._lane_write_task, req, ns, off, bytes(data), lock, pending)
+            pending = ns._fast_adopt(pending, FP_WRITE, fs.clock.current_time())
+            fs.token.run_sync_soon(fs._lane_spawn, fs._lane_write_task,
+                                   (req, ns, off, bytes(data), lock, pending), lock, first, count)
         except BaseException:
             fp_unwind(pending, lock, first, count)
             raise

@@ -267,6 +267,11 @@ def cmd_stats(args):
         if la:
             out.append(f"direct lane: {la['read']} reads and {la['write']} writes answered inline, "
                        f"{la['continued']} continued in a task" + ("" if la["on"] else " (off on this mount)"))
+            th = la.get("thread")
+            if th:
+                out.append(f"lane thread: {th['received']} requests read from /dev/fuse, {th['answered']} "
+                           f"answered there, {th['to_pyfuse3']} handed to pyfuse3 "
+                           f"({th['declined']} of them reads or writes the lane declined)")
         if d["errors_by_status"]:
             out.append("errors by status: " + ", ".join(f"{k} {v}" for k, v in d["errors_by_status"].items()))
         return "\n".join(out)
@@ -373,6 +378,9 @@ def build_parser():
     p.add_argument("--no-direct-lane", action="store_true",
                    help="send every read and write through pyfuse3's handlers instead of answering "
                         "those one polled NVMe command can serve inside libfuse's dispatch")
+    p.add_argument("--no-lane-thread", action="store_true",
+                   help="let pyfuse3's loop read /dev/fuse, with the direct lane inside its dispatch, "
+                        "instead of a thread that answers reads and writes without trio scheduling")
     p.add_argument("--page-cache", action="store_true",
                    help="let the kernel page cache serve reads (default: direct I/O)")
     p.add_argument("-b", "--background", action="store_true", help="run in the background once mounted")

@@ -74,6 +74,10 @@ class NvmeFS(pyfuse3.Operations):
         # those it started there and finished in a task
         self.lane = {"read": 0, "write": 0, "continued": 0}
         self.lane_on = False        # set by serve once libfuse calls the lane
+        self.lane_thread = None     # fuseshim.LaneThread, when serve started one
+        # what the lane needs to reach trio from the lane thread
+        self.token = trio.lowlevel.current_trio_token()
+        self.clock = trio.lowlevel.current_clock()
         lane = _core.DirectLane(self, fuseshim.TAKEN)
         self.lane_read, self.lane_write = lane.read, lane.write
 
@@ -232,6 +236,23 @@ class NvmeFS(pyfuse3.Operations):
     # lane_write are _core.DirectLane's (fastpath.pyx): in Python their
     # bookkeeping cost more than the command.  The tasks that continue
     # them are below.
+
+    def _lane_spawn(self, task, args, lock, first, count):
+        """Starts the task the lane asked for (through run_sync_soon: it may
+        have asked from the lane thread).  If it cannot, the command is left
+        to finish on its own and the request gets EINTR (shutting down) or
+        EIO."""
+        try:
+            if self.nursery is None:
+                raise trio.RunFinishedError("the mount is shutting down")
+            self.nursery.start_soon(task, *args)
+        except BaseException as exc:   # a run_sync_soon callback must not raise
+            _core.lane_unwind(args[-1], lock, first, count)
+            if isinstance(exc, trio.RunFinishedError):
+                fuseshim.reply_err(args[0], errno.EINTR)
+            else:
+                fuseshim.reply_err(args[0], errno.EIO)
+                log.error("direct lane: could not continue a request: %r", exc)
 
     async def _lane_read_task(self, req, ns, first, count, skip, size, pending):
         await self._lane_finish(
@@ -396,7 +417,8 @@ class NvmeFS(pyfuse3.Operations):
             st = self.ctrl.stats()
             st["fuse_errors"] = self.errors
             st["fallocate"] = dict(self.fallocates, hooked=fuseshim.sessions_hooked() > 0)
-            st["direct_lane"] = dict(self.lane, on=self.lane_on)
+            st["direct_lane"] = dict(self.lane, on=self.lane_on,
+                                     thread=fuseshim.lane_thread_stats() if self.lane_thread else None)
             st["namespaces"] = {self._name(n).decode(): {"lba_size": ns.lba_size, "size": ns.size,
                                                          "retried": ns.retried}
                                 for n, ns in self.ctrl.namespaces.items()}

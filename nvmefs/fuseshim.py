@@ -7,8 +7,12 @@ _core/fuseshim/session_hook.h for why pyfuse3 needs that).
 Import this before pyfuse3 calls pyfuse3.init(); importing it first of all
 also covers a pyfuse3 built with immediate binding (-z now).
 """
+import logging
 import os
 import sys
+import threading
+
+import trio
 
 _flags = sys.getdlopenflags()
 sys.setdlopenflags(_flags | os.RTLD_GLOBAL)
@@ -28,6 +32,10 @@ if _fuseshim is not None:
     sessions_hooked = _fuseshim.sessions_hooked
     lane_sessions = _fuseshim.lane_sessions
     TAKEN = _fuseshim.TAKEN
+    arm_lane_thread = _fuseshim.arm_lane_thread
+    lane_threaded = _fuseshim.lane_threaded
+    lane_close = _fuseshim.lane_close
+    lane_thread_stats = _fuseshim.lane_thread_stats
 else:
     TAKEN = object()
 
@@ -49,3 +57,62 @@ else:
         return 0
 
     lane_sessions = sessions_hooked
+
+    def arm_lane_thread(on):
+        pass
+
+    def lane_threaded():
+        return False
+
+    def lane_close():
+        pass
+
+    def lane_thread_stats():
+        return {}
+
+
+log = logging.getLogger("nvmefs.fuse")
+
+
+class LaneThread:
+    """The thread that reads /dev/fuse for a session created with
+    arm_lane_thread(True) (see _core/fuseshim/session_hook.c): it answers
+    the reads and writes the direct lane takes without any trio scheduling
+    and hands every other request to pyfuse3's loop.  start() and stop()
+    run in the trio thread."""
+
+    def __init__(self):
+        self.thread = None
+        self.result = None
+        self._instrument = None
+
+    def start(self):
+        self._instrument = _fuseshim.WorldLock()
+        trio.lowlevel.add_instrument(self._instrument)
+        _fuseshim.world_acquire()       # held from here on, except in I/O waits
+        self.thread = threading.Thread(target=self._run, name="nvmefs-lane", daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        try:
+            self.result = _fuseshim.lane_loop()
+        except BaseException as exc:     # not expected: keep it for stop()
+            self.result = exc
+        if self.result:
+            log.error("the lane thread stopped reading /dev/fuse: %r", self.result)
+
+    def stop(self):
+        """Ends the thread (at once if it already left its loop because the
+        mount went away).  Idempotent."""
+        if self.thread is None:
+            return
+        _fuseshim.lane_stop()
+        # the thread may be waiting for the world lock to finish a request
+        _fuseshim.world_release()
+        try:
+            self.thread.join()
+        finally:
+            _fuseshim.world_acquire()
+            trio.lowlevel.remove_instrument(self._instrument)
+            _fuseshim.world_release()
+            self.thread = None

@@ -91,7 +91,13 @@ async def serve(args, transport, ready_fd=None):
         if not args.no_direct_lane:
             fuseshim.set_lane(fs.lane_read, fs.lane_write)
         hooked, laned = fuseshim.sessions_hooked(), fuseshim.lane_sessions()
-        pyfuse3.init(fs, args.mountpoint, options)
+        fuseshim.arm_lane_thread(not args.no_direct_lane and not args.no_lane_thread)
+        try:
+            pyfuse3.init(fs, args.mountpoint, options)
+        finally:
+            fuseshim.arm_lane_thread(False)
+        if fuseshim.lane_threaded():
+            fs.lane_thread = fuseshim.LaneThread()
         if fuseshim.sessions_hooked() == hooked:
             log.warning("fallocate is not available on this mount (EOPNOTSUPP), nor the direct lane: "
                         "the nvmefs._fuseshim hook did not reach libfuse's fuse_session_new (not built, "
@@ -113,14 +119,25 @@ async def serve(args, transport, ready_fd=None):
             # nursery drains them after pyfuse3.main() has returned
             async with trio.open_nursery() as requests:
                 fs.nursery = requests
+                if fs.lane_thread is not None:
+                    fs.lane_thread.start()
                 await _serve_until_unmounted(state, requests.cancel_scope)
                 fs.nursery = None
+                if fs.lane_thread is not None:
+                    # before the drain and the controller's shutdown: from
+                    # here on nothing reads /dev/fuse until the unmount
+                    fs.lane_thread.stop()
+                    if fs.lane_thread.result:
+                        state["unmounted"] = False      # it failed; the kernel still has us
                 with trio.move_on_after(60):
                     while requests.child_tasks:
                         await trio.sleep(0.01)
                 requests.cancel_scope.cancel()
         finally:
+            if fs.lane_thread is not None:
+                fs.lane_thread.stop()
             pyfuse3.close(unmount=not state["unmounted"])
+            fuseshim.lane_close()
             fuseshim.set_fallocate_handler(None)
             fuseshim.set_lane(None, None)
     print(f"nvmefs: {args.mountpoint} unmounted, controller shut down cleanly", flush=True)

@@ -131,14 +131,17 @@ class Namespace:
     # Errors and resets leave through _command's retry rules, as on the
     # general path.
 
-    def _fast_adopt(self, pending, opcode):
+    def _fast_adopt(self, pending, opcode, now=None):
         """A first attempt still in flight becomes (queue, chunks, slot):
         waited for like any submitted command.  Whoever does not go on to
         _fast_finish() without a scheduling point must call this first, or
-        another task's reap would find no slot for the completion."""
+        another task's reap would find no slot for the completion.  ``now``:
+        trio's clock, for a caller outside the trio thread (the lane thread)."""
         q, chunks, rc = pending
         if type(rc) is int and rc < 0:
-            return q, chunks, q.adopt(-1 - rc, opcode, trio.current_time() + self.ctrl.timeout)
+            if now is None:
+                now = trio.current_time()
+            return q, chunks, q.adopt(-1 - rc, opcode, now + self.ctrl.timeout)
         return pending
 
     async def _fast_finish(self, q, chunks, rc, opcode, lba, nbytes, data_in, window):

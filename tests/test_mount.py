@@ -63,14 +63,18 @@ def test_files_sizes_and_dd_roundtrip(paths, tmp_path):
                 f.truncate(16 * MiB)
 
 
-@pytest.mark.parametrize("lane", [True, False], ids=["direct-lane", "no-direct-lane"])
-def test_direct_lane_serves_aligned_io_and_can_be_turned_off(paths, tmp_path, lane):
+LANE_MODES = {"lane-thread": [], "lane-in-pyfuse3": ["--no-lane-thread"], "no-direct-lane": ["--no-direct-lane"]}
+
+
+@pytest.mark.parametrize("mode", LANE_MODES)
+def test_direct_lane_serves_aligned_io_and_can_be_turned_off(paths, tmp_path, mode):
     """O_DIRECT LBA-aligned reads and writes are answered inside libfuse's
-    dispatch (the direct lane); everything else, and everything with
-    --no-direct-lane, goes through pyfuse3's handlers; the bytes are the
-    same either way."""
+    dispatch (the direct lane), by default in the lane thread that reads
+    /dev/fuse; everything else, and everything with --no-direct-lane, goes
+    through pyfuse3's handlers; the bytes are the same either way."""
     mnt, img = paths
-    with mounted(mnt, img, "--size", "64M", "--lba-size", "4096", *([] if lane else ["--no-direct-lane"])):
+    lane = mode != "no-direct-lane"
+    with mounted(mnt, img, "--size", "64M", "--lba-size", "4096", *LANE_MODES[mode]):
         dev = os.path.join(mnt, "nvme0n1")
         src = tmp_path / "src"
         src.write_bytes(os.urandom(4 * MiB))
@@ -94,9 +98,18 @@ def test_direct_lane_serves_aligned_io_and_can_be_turned_off(paths, tmp_path, la
             # (how many of each depends on how loaded the host is)
             assert st["on"] and st["read"] + st["write"] + st["continued"] >= 2049, st
         else:
-            assert st == {"read": 0, "write": 0, "continued": 0, "on": False}
+            assert st == {"read": 0, "write": 0, "continued": 0, "on": False, "thread": None}
+        th = st["thread"]
+        if mode == "lane-thread":
+            # every request was read by the thread: answered there or handed
+            # on (lookups, opens, the unaligned write the lane declined, ...)
+            assert th["received"] == th["answered"] + th["to_pyfuse3"], th
+            assert th["answered"] >= 2049 and th["declined"] >= 1 and th["to_pyfuse3"] > th["declined"], th
+        else:
+            assert th is None
         r = run_cli("stats", mnt)
         assert r.returncode == 0 and "direct lane:" in r.stdout
+        assert ("lane thread:" in r.stdout) == (mode == "lane-thread")
 
 
 def test_fio_verify(paths):

@@ -36,6 +36,18 @@ cdef extern from "session_hook.h" nogil:
     void nvmefs_fuse_orig_write_buf(fuse_req_t, fuse_ino_t, fuse_bufvec *, off_t, fuse_file_info *)
     int nvmefs_fuse_sessions_hooked()
     int nvmefs_fuse_lane_sessions()
+    void nvmefs_lane_arm(int on)
+    int nvmefs_lane_threaded()
+    int nvmefs_lane_loop()
+    void nvmefs_lane_stop()
+    void nvmefs_lane_close()
+    int nvmefs_lane_decline()
+    void nvmefs_lane_stats(unsigned long *out)
+    void nvmefs_world_trio_acquire()
+    void nvmefs_world_trio_release()
+    void nvmefs_world_lane_acquire()
+    void nvmefs_world_lane_release()
+    void fuse_reply_none(fuse_req_t req)
     int fuse_reply_err(fuse_req_t req, int err)
     int fuse_reply_buf(fuse_req_t req, const char *buf, size_t size)
     int fuse_reply_write(fuse_req_t req, size_t count)
@@ -81,9 +93,20 @@ cdef int _reply_data(fuse_req_t req, object data) except? INT_MIN:
         PyBuffer_Release(&view)
 
 
+cdef inline void _decline_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
+                               fuse_file_info *fi) noexcept:
+    if nvmefs_lane_decline():
+        # in the lane thread: the request goes to pyfuse3's loop as it came
+        # from /dev/fuse, and libfuse makes a new one of it there
+        fuse_reply_none(req)
+    else:
+        nvmefs_fuse_orig_read(req, ino, size, off, fi)
+
+
 cdef void _on_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, fuse_file_info *fi) noexcept with gil:
-    # called inside pyfuse3's fuse_session_process_buf(), in its trio thread
-    # with the GIL held: the lane may use the driver directly
+    # called inside fuse_session_process_buf(): in pyfuse3's trio thread, or
+    # in the lane thread holding the world lock; either way nothing else
+    # touches the driver meanwhile, so the lane may use it directly
     handler = _lane_read
     if handler is not None and fi != NULL:
         try:
@@ -100,7 +123,7 @@ cdef void _on_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, fuse_
                 # not a buffer: nothing was sent
                 _lane_failed(req, "read")
             return
-    nvmefs_fuse_orig_read(req, ino, size, off, fi)
+    _decline_read(req, ino, size, off, fi)
 
 
 cdef void _on_write_buf(fuse_req_t req, fuse_ino_t ino, fuse_bufvec *bufv, off_t off,
@@ -144,7 +167,10 @@ cdef void _on_write_buf(fuse_req_t req, fuse_ino_t ino, fuse_bufvec *bufv, off_t
                 return
             fuse_reply_write(req, n)
             return
-    nvmefs_fuse_orig_write_buf(req, ino, bufv, off, fi)
+    if nvmefs_lane_decline():
+        fuse_reply_none(req)
+    else:
+        nvmefs_fuse_orig_write_buf(req, ino, bufv, off, fi)
 
 
 cdef void _on_fallocate(fuse_req_t req, fuse_ino_t ino, int mode, off_t offset, off_t length,
@@ -214,3 +240,77 @@ def sessions_hooked():
 def lane_sessions():
     """How many FUSE sessions send reads and writes to the direct lane."""
     return nvmefs_fuse_lane_sessions()
+
+
+
+# -- the lane thread (session_hook.c) --------------------------------------------
+
+def arm_lane_thread(bint on):
+    """Before pyfuse3.init(): the session it creates gets the lane thread
+    (lane_threaded() says whether it did)."""
+    nvmefs_lane_arm(on)
+
+
+def lane_threaded():
+    """True while a session exists whose /dev/fuse the lane thread reads."""
+    return bool(nvmefs_lane_threaded())
+
+
+def lane_loop():
+    """The lane thread's body: reads /dev/fuse until unmounted (0) or
+    lane_stop(); a negative errno on failure.  Call from a Python thread
+    (the handlers it dispatches take the GIL) while the trio thread runs
+    a WorldLock instrument."""
+    cdef int rc
+    with nogil:
+        rc = nvmefs_lane_loop()
+    return rc
+
+
+def lane_stop():
+    nvmefs_lane_stop()
+
+
+def lane_close():
+    """Once the lane thread and pyfuse3's loop have ended."""
+    nvmefs_lane_close()
+
+
+def lane_thread_stats():
+    cdef unsigned long out[4]
+    nvmefs_lane_stats(out)
+    return {"received": out[0], "answered": out[1], "declined": out[2], "to_pyfuse3": out[3]}
+
+
+def world_acquire():
+    """The trio thread takes the world lock back (after waiting for I/O)."""
+    with nogil:
+        nvmefs_world_trio_acquire()
+
+
+def world_release():
+    nvmefs_world_trio_release()
+
+
+def world_lane_acquire():
+    """What the lane thread does around a dispatch (for tests)."""
+    with nogil:
+        nvmefs_world_lane_acquire()
+
+
+def world_lane_release():
+    nvmefs_world_lane_release()
+
+
+cdef class WorldLock:
+    """A trio Instrument: the trio thread holds the world lock except while
+    it waits for I/O, which is when the lane thread may dispatch.  Install
+    with trio.lowlevel.add_instrument() and take the lock (world_acquire())
+    in the same step."""
+
+    def before_io_wait(self, timeout):
+        nvmefs_world_trio_release()
+
+    def after_io_wait(self, timeout):
+        with nogil:
+            nvmefs_world_trio_acquire()

@@ -5,6 +5,14 @@
 #include <stdatomic.h>
 #include <errno.h>
 #include <string.h>
+#include <stdlib.h>
+#include <unistd.h>
+#include <poll.h>
+#include <fcntl.h>
+#include <stdint.h>
+#include <pthread.h>
+#include <sys/eventfd.h>
+#include <linux/fuse.h>
 
 #include "session_hook.h"
 
@@ -15,6 +23,7 @@ static nvmefs_fallocate_fn fallocate_handler;
 static nvmefs_read_fn read_handler, orig_read;
 static nvmefs_write_buf_fn write_buf_handler, orig_write_buf;
 static atomic_int sessions_hooked, lane_sessions;
+static void (*orig_init)(void *userdata, struct fuse_conn_info *conn);
 /* libfuse copies the table into the session (fuse_session_new), so one
  * static copy serves every session; sessions are created one at a time.
  * Room for a caller built against a newer header with a longer table. */
@@ -63,6 +72,354 @@ int nvmefs_fuse_lane_sessions(void)
     return atomic_load(&lane_sessions);
 }
 
+
+/* ---- the lane thread ------------------------------------------------------
+ *
+ * With the thread armed, /dev/fuse has one reader: nvmefs_lane_loop(), run
+ * by a Python thread.  READ and WRITE requests are dispatched there
+ * (fuse_session_process_buf, which calls our read/write handlers with the
+ * world lock held: see below).  Every other request -- and a read or write
+ * the lane declines -- is handed to pyfuse3's own loop unchanged: its
+ * fuse_session_fd() is a pipe that gets one byte per handed-over request,
+ * and its fuse_session_receive_buf() takes the request's buffer from a
+ * queue.  So pyfuse3 still sees every request the lane does not answer, in
+ * arrival order, and answers it with its own handlers in its trio thread.
+ *
+ * The world lock makes the lane thread's work on the driver exclusive with
+ * everything the trio thread runs: the trio thread holds it except while
+ * it waits for I/O (a trio Instrument releases it in before_io_wait and
+ * takes it back in after_io_wait; nvmefs/fuseshim.py).  The lane's Python
+ * code therefore sees the driver between two trio scheduling steps, as it
+ * did when it ran inside pyfuse3's dispatch, whatever the GIL switches.
+ */
+
+static int thread_armed;
+static struct fuse_session *threaded_se;    /* the session whose /dev/fuse the lane thread reads */
+static int fwd_pipe[2] = {-1, -1};
+static int stop_fd = -1;
+static _Thread_local int tls_in_lane, tls_forward;
+static atomic_ulong st_received, st_answered, st_forwarded, st_declined;
+
+struct fwd {
+    struct fwd *next;
+    void *mem;
+    size_t size;
+};
+static pthread_mutex_t fwd_mu = PTHREAD_MUTEX_INITIALIZER;
+static struct fwd *fwd_head, *fwd_tail;
+
+static pthread_mutex_t world_mu = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t world_cv = PTHREAD_COND_INITIALIZER;
+static int world_owner;         /* 0 free, 1 trio thread, 2 lane thread */
+static int lane_wants, trio_wants;
+
+typedef int (*session_fd_fn)(struct fuse_session *);
+typedef int (*receive_buf_fn)(struct fuse_session *, struct fuse_buf *);
+typedef void (*process_buf_fn)(struct fuse_session *, const struct fuse_buf *);
+
+static void *next_symbol(const char *name)
+{
+    void *f = dlvsym(RTLD_NEXT, name, "FUSE_3.0");
+    return f != NULL ? f : dlsym(RTLD_NEXT, name);
+}
+
+static int real_session_fd(struct fuse_session *se)
+{
+    static session_fd_fn f;
+    if (f == NULL)
+        f = (session_fd_fn)next_symbol("fuse_session_fd");
+    return f(se);
+}
+
+static int real_receive_buf(struct fuse_session *se, struct fuse_buf *buf)
+{
+    static receive_buf_fn f;
+    if (f == NULL)
+        f = (receive_buf_fn)next_symbol("fuse_session_receive_buf");
+    return f(se, buf);
+}
+
+static void real_process_buf(struct fuse_session *se, const struct fuse_buf *buf)
+{
+    static process_buf_fn f;
+    if (f == NULL)
+        f = (process_buf_fn)next_symbol("fuse_session_process_buf");
+    f(se, buf);
+}
+
+void nvmefs_world_trio_acquire(void)
+{
+    pthread_mutex_lock(&world_mu);
+    trio_wants = 1;
+    /* a waiting lane goes first: its requests are short, and the trio
+     * thread would otherwise take the lock back after every zero-timeout
+     * I/O check of a busy loop and starve it */
+    while (world_owner != 0 || lane_wants)
+        pthread_cond_wait(&world_cv, &world_mu);
+    trio_wants = 0;
+    world_owner = 1;
+    pthread_mutex_unlock(&world_mu);
+}
+
+void nvmefs_world_trio_release(void)
+{
+    pthread_mutex_lock(&world_mu);
+    world_owner = 0;
+    if (lane_wants)
+        pthread_cond_broadcast(&world_cv);
+    pthread_mutex_unlock(&world_mu);
+}
+
+static void world_lane_acquire(void)
+{
+    pthread_mutex_lock(&world_mu);
+    lane_wants = 1;
+    while (world_owner != 0)
+        pthread_cond_wait(&world_cv, &world_mu);
+    lane_wants = 0;
+    world_owner = 2;
+    pthread_mutex_unlock(&world_mu);
+}
+
+static void world_lane_release(void)
+{
+    pthread_mutex_lock(&world_mu);
+    world_owner = 0;
+    if (trio_wants)
+        pthread_cond_broadcast(&world_cv);
+    pthread_mutex_unlock(&world_mu);
+}
+
+void nvmefs_world_lane_acquire(void)
+{
+    world_lane_acquire();
+}
+
+void nvmefs_world_lane_release(void)
+{
+    world_lane_release();
+}
+
+void nvmefs_lane_arm(int on)
+{
+    thread_armed = on;
+}
+
+int nvmefs_lane_threaded(void)
+{
+    return threaded_se != NULL;
+}
+
+static void lane_init(void *userdata, struct fuse_conn_info *conn)
+{
+    if (orig_init != NULL)
+        orig_init(userdata, conn);
+    /* a spliced request's data sits in a pipe of the thread that read it:
+     * it could not be handed to pyfuse3's thread */
+    conn->want &= ~FUSE_CAP_SPLICE_READ;
+}
+
+static int lane_open(struct fuse_session *se)
+{
+    if (pipe2(fwd_pipe, O_CLOEXEC) != 0)
+        return -1;
+    stop_fd = eventfd(0, EFD_CLOEXEC);
+    if (stop_fd < 0) {
+        close(fwd_pipe[0]);
+        close(fwd_pipe[1]);
+        fwd_pipe[0] = fwd_pipe[1] = -1;
+        return -1;
+    }
+    atomic_store(&st_received, 0);
+    atomic_store(&st_answered, 0);
+    atomic_store(&st_forwarded, 0);
+    atomic_store(&st_declined, 0);
+    threaded_se = se;
+    return 0;
+}
+
+/* Hand a request's buffer (malloc'd, now owned by the queue) to pyfuse3's
+ * loop.  0, or -1 when it could not (the request is then lost: answered
+ * by nobody, like one read after the session ended). */
+static int forward(void *mem, size_t size)
+{
+    struct fwd *f = malloc(sizeof *f);
+    char one = 1;
+    if (f == NULL) {
+        free(mem);
+        return -1;
+    }
+    f->next = NULL;
+    f->mem = mem;
+    f->size = size;
+    pthread_mutex_lock(&fwd_mu);
+    if (fwd_tail != NULL)
+        fwd_tail->next = f;
+    else
+        fwd_head = f;
+    fwd_tail = f;
+    pthread_mutex_unlock(&fwd_mu);
+    /* the byte after the record: a reader woken by it finds the record */
+    while (write(fwd_pipe[1], &one, 1) < 0 && errno == EINTR)
+        ;
+    atomic_fetch_add(&st_forwarded, 1);
+    return 0;
+}
+
+int nvmefs_lane_decline(void)
+{
+    if (!tls_in_lane)
+        return 0;
+    tls_forward = 1;
+    return 1;
+}
+
+int nvmefs_lane_loop(void)
+{
+    struct fuse_session *se = threaded_se;
+    struct fuse_buf fbuf;
+    struct pollfd p[2];
+    int err = 0, r;
+
+    if (se == NULL)
+        return -EINVAL;
+    memset(&fbuf, 0, sizeof fbuf);
+    p[0].fd = real_session_fd(se);
+    p[0].events = POLLIN;
+    p[1].fd = stop_fd;
+    p[1].events = POLLIN;
+    tls_in_lane = 1;
+    for (;;) {
+        /* poll first: nvmefs_lane_stop() must be able to end a thread
+         * that would otherwise sit in read() until the next request */
+        r = poll(p, 2, -1);
+        if (r < 0) {
+            if (errno == EINTR)
+                continue;
+            err = -errno;
+            break;
+        }
+        if (p[1].revents)
+            break;
+        r = real_receive_buf(se, &fbuf);
+        if (r == -EINTR || r == -EAGAIN)
+            continue;
+        if (r <= 0) {           /* 0: unmounted, or the session was told to exit */
+            err = r;
+            break;
+        }
+        atomic_fetch_add(&st_received, 1);
+        if (fbuf.flags & FUSE_BUF_IS_FD) {     /* lane_init turned splice off: not expected */
+            err = -EPROTO;
+            break;
+        }
+        const struct fuse_in_header *in = fbuf.mem;
+        if ((size_t)r >= sizeof *in && (in->opcode == FUSE_READ || in->opcode == FUSE_WRITE)) {
+            world_lane_acquire();
+            tls_forward = 0;
+            real_process_buf(se, &fbuf);
+            world_lane_release();
+            if (!tls_forward) {
+                atomic_fetch_add(&st_answered, 1);
+                continue;
+            }
+            atomic_fetch_add(&st_declined, 1);
+        }
+        /* libfuse allocates a fresh buffer for the next request */
+        forward(fbuf.mem, (size_t)r);
+        fbuf.mem = NULL;
+    }
+    tls_in_lane = 0;
+    free(fbuf.mem);
+    /* end of file for pyfuse3's loop, once it has taken what is queued */
+    close(fwd_pipe[1]);
+    fwd_pipe[1] = -1;
+    return err;
+}
+
+void nvmefs_lane_stop(void)
+{
+    uint64_t one = 1;
+    if (stop_fd >= 0)
+        while (write(stop_fd, &one, sizeof one) < 0 && errno == EINTR)
+            ;
+}
+
+/* After the lane thread has ended and pyfuse3's loop with it. */
+void nvmefs_lane_close(void)
+{
+    struct fwd *f;
+    threaded_se = NULL;
+    thread_armed = 0;
+    while ((f = fwd_head) != NULL) {
+        fwd_head = f->next;
+        free(f->mem);
+        free(f);
+    }
+    fwd_tail = NULL;
+    for (int i = 0; i < 2; i++)
+        if (fwd_pipe[i] >= 0) {
+            close(fwd_pipe[i]);
+            fwd_pipe[i] = -1;
+        }
+    if (stop_fd >= 0) {
+        close(stop_fd);
+        stop_fd = -1;
+    }
+}
+
+void nvmefs_lane_stats(unsigned long *out)
+{
+    out[0] = atomic_load(&st_received);
+    out[1] = atomic_load(&st_answered);
+    out[2] = atomic_load(&st_declined);
+    out[3] = atomic_load(&st_forwarded);
+}
+
+__attribute__((visibility("default")))
+int fuse_session_fd(struct fuse_session *se)
+{
+    if (se != NULL && se == threaded_se)
+        return fwd_pipe[0];
+    return real_session_fd(se);
+}
+
+/* pyfuse3's loop reads here once fuse_session_fd() (the pipe) is readable. */
+__attribute__((visibility("default")))
+int fuse_session_receive_buf(struct fuse_session *se, struct fuse_buf *buf)
+{
+    struct fwd *f;
+    char c;
+    ssize_t n;
+    size_t size;
+
+    if (se == NULL || se != threaded_se)
+        return real_receive_buf(se, buf);
+    n = read(fwd_pipe[0], &c, 1);
+    if (n == 0)
+        return 0;               /* the lane thread has ended: unmounted */
+    if (n < 0)
+        return -errno;
+    pthread_mutex_lock(&fwd_mu);
+    f = fwd_head;
+    if (f != NULL) {
+        fwd_head = f->next;
+        if (fwd_head == NULL)
+            fwd_tail = NULL;
+    }
+    pthread_mutex_unlock(&fwd_mu);
+    if (f == NULL)
+        return -EIO;            /* a byte without a record: cannot happen */
+    /* pyfuse3 keeps one buffer per worker and frees the last one itself */
+    free(buf->mem);
+    buf->mem = f->mem;
+    buf->size = f->size;
+    buf->flags = 0;
+    size = f->size;
+    free(f);
+    return (int)size;
+}
+
 /* libfuse 3.17 turned fuse_session_new into a macro over a versioned entry
  * point; a pyfuse3 built against such headers never calls this symbol, and
  * the mount then reports fallocate as unavailable (sessions_hooked == 0). */
@@ -95,7 +452,15 @@ struct fuse_session *fuse_session_new(struct fuse_args *args, const struct fuse_
         table.ops.read = read_handler;
         table.ops.write_buf = write_buf_handler;
         atomic_fetch_add(&lane_sessions, 1);
+        if (thread_armed) {
+            orig_init = table.ops.init;
+            table.ops.init = lane_init;
+        }
     }
     /* a shorter table (older header) grows to ours, zero-filled */
-    return real(args, &table.ops, op_size > sizeof table.ops ? op_size : sizeof table.ops, userdata);
+    struct fuse_session *se = real(args, &table.ops, op_size > sizeof table.ops ? op_size : sizeof table.ops,
+                                   userdata);
+    if (se != NULL && thread_armed && table.ops.init == lane_init)
+        lane_open(se);      /* on failure pyfuse3 reads /dev/fuse itself, as without the thread */
+    return se;
 }

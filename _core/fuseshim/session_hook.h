@@ -11,6 +11,10 @@
  * mount's direct lane answers a request that one polled NVMe command can
  * serve inside libfuse's dispatch, without a coroutine per request, and
  * hands every other request to pyfuse3's own handler.
+ *
+ * With the lane thread armed, the wrapper also takes /dev/fuse away from
+ * pyfuse3's loop: a thread reads it and answers reads and writes without
+ * any trio scheduling, handing the rest to pyfuse3 (session_hook.c).
  */
 #ifndef NVMEFS_SESSION_HOOK_H
 #define NVMEFS_SESSION_HOOK_H
@@ -38,5 +42,24 @@ void nvmefs_fuse_orig_write_buf(fuse_req_t req, fuse_ino_t ino, struct fuse_bufv
 int nvmefs_fuse_sessions_hooked(void);
 /* sessions whose read and write went to the direct lane's handlers */
 int nvmefs_fuse_lane_sessions(void);
+
+/* The lane thread (see session_hook.c): arm before the session is created;
+ * nvmefs_lane_threaded() then says whether it got its pipe. */
+void nvmefs_lane_arm(int on);
+int nvmefs_lane_threaded(void);
+/* Runs until unmounted (returns 0) or nvmefs_lane_stop(); -errno on error. */
+int nvmefs_lane_loop(void);
+void nvmefs_lane_stop(void);
+void nvmefs_lane_close(void);
+/* In a read/write handler: 1 when it runs in the lane thread, which then
+ * hands the request to pyfuse3's loop once the handler returns (the
+ * handler must free the request with fuse_reply_none and not answer it). */
+int nvmefs_lane_decline(void);
+/* received, answered in the thread, declined there, handed to pyfuse3 */
+void nvmefs_lane_stats(unsigned long *out);
+void nvmefs_world_trio_acquire(void);
+void nvmefs_world_trio_release(void);
+void nvmefs_world_lane_acquire(void);
+void nvmefs_world_lane_release(void);
 
 #endif
