@@ -290,3 +290,50 @@ async def test_lane_that_cannot_start_its_task_leaks_nothing(transport, monkeypa
         fs.nursery = None       # the shutdown began before trio's thread could start the task
         assert await replies.wait(3) == ("err", errno.EINTR)
         await pool_whole()
+
+
+@pytest.mark.skipif(fuseshim._fuseshim is None, reason="nvmefs._fuseshim is not built")
+async def test_world_lock_keeps_the_lane_thread_out_while_trio_runs():
+    """The lane thread dispatches only while the trio thread waits for I/O
+    (fuseshim.LaneThread's WorldLock instrument), whatever the GIL does:
+    without the lock, a thread would run between two bytecodes of a task
+    (every 5 ms switch interval) and see its half-done work."""
+    import threading
+    import time
+    from nvmefs import _fuseshim
+
+    state = {"busy": False, "seen_busy": 0, "entries": 0, "stop": False}
+
+    def lane():
+        while not state["stop"]:
+            _fuseshim.world_lane_acquire()
+            try:
+                state["entries"] += 1
+                state["seen_busy"] += state["busy"]
+            finally:
+                _fuseshim.world_lane_release()
+            time.sleep(0.0005)
+
+    inst = _fuseshim.WorldLock()
+    trio.lowlevel.add_instrument(inst)
+    _fuseshim.world_acquire()
+    t = threading.Thread(target=lane)
+    t.start()
+    try:
+        for _ in range(3):
+            state["busy"] = True            # a task's half-done step ...
+            end = time.perf_counter() + 0.1
+            while time.perf_counter() < end:
+                pass                        # ... 20 switch intervals long, no I/O wait
+            state["busy"] = False
+            before = state["entries"]
+            await trio.sleep(0.05)          # an I/O wait: the lane gets in
+            assert state["entries"] > before
+        assert state["seen_busy"] == 0
+    finally:
+        state["stop"] = True
+        _fuseshim.world_release()
+        t.join()
+        _fuseshim.world_acquire()
+        trio.lowlevel.remove_instrument(inst)
+        _fuseshim.world_release()
