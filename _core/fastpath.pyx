@@ -11,6 +11,7 @@
 
 from posix.time cimport clock_gettime, timespec, CLOCK_REALTIME
 from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE
+from cpython.bytes cimport PyBytes_AS_STRING
 
 DEF FP_READ = 0x02
 DEF FP_WRITE = 0x01
@@ -126,6 +127,69 @@ cdef void fp_unwind(tuple pending, object lock, uint64_t first, uint64_t count) 
         pass
 
 
+cdef object fp_queue(object ctrl, object ns, int opcode, uint64_t lba, size_t nbytes, uint32_t cdw12,
+                     object data_out, object now):
+    """Submit one command on the next I/O queue whatever is in flight there,
+    without polling, and adopt it at once: (queue, chunks, slot), or None
+    when that cannot be done right now (no bounce chunks, a full SQ, the
+    controller down).  For the lane's requests that one polled command on
+    an idle queue cannot serve; a task waits for the slot."""
+    cdef list free
+    if ctrl.closed or not ctrl.ready.is_set():
+        return None
+    q = ctrl.pick_queue()
+    # a polled queue's completion task is woken by a trio event: only
+    # trio's thread may submit there
+    if q.polled or q.dead:
+        return None
+    bounce = q.bounce
+    chunks = bounce.try_take(nbytes)
+    if chunks is None:
+        return None
+    free = bounce.free
+    try:
+        if data_out is not None:
+            bounce.copy_in(chunks, data_out)
+        cid = q.qp.submit_command(opcode, nsid=ns.nsid, cdw10=<uint32_t>lba, cdw11=<uint32_t>(lba >> 32),
+                                  cdw12=cdw12, segments=bounce.segments(chunks, nbytes),
+                                  is_read=opcode == FP_READ)
+    except BaseException as exc:
+        # straight back: nobody can be parked for chunks the pool had free
+        # (and waking a waiter is trio's thread's business)
+        free.extend(chunks)
+        from nvmefs.errors import QueueBusy
+        if isinstance(exc, QueueBusy):
+            return None
+        raise
+    return ns._fast_adopt((q, chunks, -1 - <long long>cid), opcode, now)
+
+
+def bounce_gather(DmaBuffer buf, size_t chunk, list chunks, size_t skip, size_t size):
+    """Bytes [skip, skip+size) of data laid out over bounce ``chunks`` (each
+    ``chunk`` bytes of ``buf``), in one copy."""
+    cdef size_t pos = 0, c, n, take, at
+    cdef Py_ssize_t i
+    if size > <size_t>len(chunks) * chunk or skip > <size_t>len(chunks) * chunk - size:
+        raise ValueError("bounce_gather: window outside the chunks")
+    out = PyBytes_FromStringAndSize(NULL, size)
+    cdef char *dst = PyBytes_AS_STRING(out)
+    at = skip
+    for i in range(len(chunks)):
+        if pos == size:
+            break
+        if at >= chunk:
+            at -= chunk
+            continue
+        c = <size_t>chunks[i]
+        if (c + 1) * chunk > buf.size:
+            raise ValueError("bounce_gather: chunk outside the buffer")
+        take = min(chunk - at, size - pos)
+        memcpy(dst + pos, <char *>buf.vaddr + c * chunk + at, take)
+        pos += take
+        at = 0
+    return out
+
+
 def lane_unwind(tuple pending, lock, uint64_t first, uint64_t count):
     """fp_unwind() for NvmeFS._lane_spawn: a task the lane asked for could
     not be started."""
@@ -171,8 +235,12 @@ cdef class DirectLane:
         pending = fp_first(ctrl, ns.nsid, <uint32_t>bs, FP_READ, first, nbytes, <uint32_t>(count - 1), None,
                            True, skip, size)
         if pending is None:
-            return None
-        if (<tuple>pending)[1] is None:
+            pending = fp_queue(ctrl, ns, FP_READ, first, nbytes, <uint32_t>(count - 1), None,
+                               fs.clock.current_time())
+            if pending is None:
+                return None
+            self.counts["queued"] += 1
+        elif (<tuple>pending)[1] is None:
             self.counts["read"] += 1
             return (<tuple>pending)[2]
         try:
@@ -206,13 +274,19 @@ cdef class DirectLane:
         pending = fp_first(ctrl, ns.nsid, <uint32_t>bs, FP_WRITE, first, n, <uint32_t>(count - 1), data,
                            False, 0, 0)
         if pending is None:
-            return None
-        fs.mtime[fh] = fp_now_ns()
-        if (<tuple>pending)[1] is None:
+            pending = fp_queue(ctrl, ns, FP_WRITE, first, n, <uint32_t>(count - 1), data,
+                               fs.clock.current_time())
+            if pending is None:
+                return None
+            self.counts["queued"] += 1
+        elif (<tuple>pending)[1] is None:
+            fs.mtime[fh] = fp_now_ns()
             self.counts["write"] += 1
             return n
-        # still in flight or failed: from here the write holds its range
-        # like any other until it ends (the lock was free: this cannot fail)
+        fs.mtime[fh] = fp_now_ns()
+        # still in flight, failed or queued: from here the write holds its
+        # range like any other until it ends (the lock was free and nothing
+        # else ran since: this cannot fail)
         lock.try_acquire(first, first + count)
         try:
             pending = ns._fast_adopt(pending, FP_WRITE, fs.clock.current_time())

@@ -72,7 +72,7 @@ class NvmeFS(pyfuse3.Operations):
         self.fallocates = {"punch": 0, "zero": 0, "refused": 0}
         # direct lane: requests answered inside libfuse's dispatch, and
         # those it started there and finished in a task
-        self.lane = {"read": 0, "write": 0, "continued": 0}
+        self.lane = {"read": 0, "write": 0, "queued": 0, "continued": 0}
         self.lane_on = False        # set by serve once libfuse calls the lane
         self.lane_thread = None     # fuseshim.LaneThread, when serve started one
         # what the lane needs to reach trio from the lane thread

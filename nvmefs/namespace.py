@@ -170,7 +170,12 @@ class Namespace:
         # there would take the pool away
         result = None
         if opcode == IO_READ:
-            if window is not None:
+            if len(chunks) > 1:     # the lane's queued commands: any number of chunks
+                if window is not None:
+                    result = _core.bounce_gather(bounce.buf, bounce.chunk, chunks, window[0], window[1])
+                else:
+                    bounce.copy_out(chunks, data_in, nbytes)
+            elif window is not None:
                 result = bytes(bounce.view[off + window[0]:off + window[0] + window[1]])
             else:
                 data_in[:nbytes] = bounce.view[off:off + nbytes]

@@ -73,7 +73,7 @@ async def test_lane_answers_inline_and_declines_what_it_cannot_serve(transport, 
         # any byte window inside LBAs: one command, the window comes back
         assert fs.lane_read(3, fh, 8192 + 100, 5000) == data[100:5100]
         assert fs.lane_read(4, fh, 8192, len(data)) == data
-        assert fs.lane == {"read": 2, "write": 1, "continued": 0}
+        assert fs.lane == {"read": 2, "write": 1, "queued": 0, "continued": 0}
         assert sum(q.fast_path for q in c.io_qs) - fast0 == 3
         assert fh in fs.mtime
 
@@ -82,26 +82,38 @@ async def test_lane_answers_inline_and_declines_what_it_cannot_serve(transport, 
         assert fs.lane_write(6, fh, 8192, memoryview(data[:100])) is None           # partial LBA
         assert fs.lane_write(7, fh, ns.size - 4096, memoryview(data[:8192])) is None  # past the end
         assert fs.lane_read(8, fh, ns.size - 4096, 8192) is None                    # short read
-        big = c.io_qs[0].bounce.chunk + 4096
-        assert fs.lane_read(9, fh, 0, big) is None                                  # > one bounce chunk
         assert fs.lane_read(10, 99, 0, 4096) is None                                # no such file
         lock = fs._lock(ns)
         assert lock.try_acquire(1000, 1001)         # a read-modify-write elsewhere holds a range
         assert fs.lane_write(11, fh, 0, memoryview(data[:4096])) is None
         lock.release(1000, 1001)
-        # every queue busy: nothing to poll on
+        saved = [q.bounce.free[:] for q in c.io_qs]
         for q in c.io_qs:
-            q.qp.submit_command(0x00, nsid=1)       # Flush, left in flight
-        assert fs.lane_read(12, fh, 0, 4096) is None
-        assert fs.lane_write(13, fh, 0, memoryview(data[:4096])) is None
-        for q in c.io_qs:
-            with trio.fail_after(5):
-                while q.qp.outstanding:
-                    q.qp.reap()
-                    await trio.sleep(0.001)
+            q.bounce.free.clear()                   # no bounce memory anywhere
+        assert fs.lane_read(14, fh, 0, 4096) is None
+        assert fs.lane_write(15, fh, 0, memoryview(data[:4096])) is None
+        for q, free in zip(c.io_qs, saved):
+            q.bounce.free[:] = free
         assert not replies.got
-        assert fs.lane == {"read": 2, "write": 1, "continued": 0}
+        assert fs.lane == {"read": 2, "write": 1, "queued": 0, "continued": 0}
+
+        # queued: submitted without polling, behind whatever is in flight,
+        # and answered by a task -- requests larger than a bounce chunk ...
+        big = c.io_qs[0].bounce.chunk + 4096
+        whole = bytes(8192) + data + bytes(big)
+        assert fs.lane_read(9, fh, 100, big) is fuseshim.TAKEN
+        assert await replies.wait(9) == ("data", whole[100:100 + big])
+        # ... and any request while every queue has a command in flight
+        flushes = [await q.submit(0x00, deadline=trio.current_time() + 5, nsid=1) for q in c.io_qs]
+        assert fs.lane_read(12, fh, 8192, 4096) is fuseshim.TAKEN
+        assert fs.lane_write(13, fh, 0, memoryview(data[:4096])) is fuseshim.TAKEN
+        assert await replies.wait(12) == ("data", data[:4096])
+        assert await replies.wait(13) == ("written", 4096)
+        for q, slot in zip(c.io_qs, flushes):
+            await c.finish(q, slot, 0x00)
+        assert fs.lane == {"read": 2, "write": 1, "queued": 3, "continued": 3}
         assert await fs.read(fh, 8192, len(data)) == data
+        assert await fs.read(fh, 0, 4096) == data[:4096]
 
 
 async def test_lane_hands_slow_commands_to_a_task_which_answers_once(transport, monkeypatch):

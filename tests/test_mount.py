@@ -98,7 +98,7 @@ def test_direct_lane_serves_aligned_io_and_can_be_turned_off(paths, tmp_path, mo
             # (how many of each depends on how loaded the host is)
             assert st["on"] and st["read"] + st["write"] + st["continued"] >= 2049, st
         else:
-            assert st == {"read": 0, "write": 0, "continued": 0, "on": False, "thread": None}
+            assert st == {"read": 0, "write": 0, "queued": 0, "continued": 0, "on": False, "thread": None}
         th = st["thread"]
         if mode == "lane-thread":
             # every request was read by the thread: answered there or handed
