@@ -266,11 +266,11 @@ cdef class DirectLane:
         bs = ns.lba_size
         if off % bs or n % bs or n > <uint64_t>ctrl.max_transfer or n // bs > FP_MAX_NLB:
             return None
-        lock = fs._lock(ns)
-        if lock.held:
-            return None         # a read-modify-write or fallocate is in flight: queue behind it
         first = off // bs
         count = n // bs
+        lock = fs._lock(ns)
+        if lock.held and not lock._free(first, first + count):
+            return None         # a read-modify-write, fallocate or write there is in flight: queue behind it
         pending = fp_first(ctrl, ns.nsid, <uint32_t>bs, FP_WRITE, first, n, <uint32_t>(count - 1), data,
                            False, 0, 0)
         if pending is None:

@@ -84,8 +84,11 @@ async def test_lane_answers_inline_and_declines_what_it_cannot_serve(transport, 
         assert fs.lane_read(8, fh, ns.size - 4096, 8192) is None                    # short read
         assert fs.lane_read(10, 99, 0, 4096) is None                                # no such file
         lock = fs._lock(ns)
-        assert lock.try_acquire(1000, 1001)         # a read-modify-write elsewhere holds a range
+        assert lock.try_acquire(0, 1)               # a read-modify-write there holds the range
         assert fs.lane_write(11, fh, 0, memoryview(data[:4096])) is None
+        lock.release(0, 1)
+        assert lock.try_acquire(1000, 1001)         # ... elsewhere: no ordering to keep
+        assert fs.lane_write(16, fh, 0, memoryview(data[:4096])) == 4096
         lock.release(1000, 1001)
         saved = [q.bounce.free[:] for q in c.io_qs]
         for q in c.io_qs:
@@ -95,12 +98,12 @@ async def test_lane_answers_inline_and_declines_what_it_cannot_serve(transport, 
         for q, free in zip(c.io_qs, saved):
             q.bounce.free[:] = free
         assert not replies.got
-        assert fs.lane == {"read": 2, "write": 1, "queued": 0, "continued": 0}
+        assert fs.lane == {"read": 2, "write": 2, "queued": 0, "continued": 0}
 
         # queued: submitted without polling, behind whatever is in flight,
         # and answered by a task -- requests larger than a bounce chunk ...
         big = c.io_qs[0].bounce.chunk + 4096
-        whole = bytes(8192) + data + bytes(big)
+        whole = data[:4096] + bytes(4096) + data + bytes(big)
         assert fs.lane_read(9, fh, 100, big) is fuseshim.TAKEN
         assert await replies.wait(9) == ("data", whole[100:100 + big])
         # ... and any request while every queue has a command in flight
@@ -111,7 +114,7 @@ async def test_lane_answers_inline_and_declines_what_it_cannot_serve(transport, 
         assert await replies.wait(13) == ("written", 4096)
         for q, slot in zip(c.io_qs, flushes):
             await c.finish(q, slot, 0x00)
-        assert fs.lane == {"read": 2, "write": 1, "queued": 3, "continued": 3}
+        assert fs.lane == {"read": 2, "write": 2, "queued": 3, "continued": 3}
         assert await fs.read(fh, 8192, len(data)) == data
         assert await fs.read(fh, 0, 4096) == data[:4096]
 
@@ -126,7 +129,7 @@ async def test_lane_hands_slow_commands_to_a_task_which_answers_once(transport, 
         # in flight: the write holds its range, so a read-modify-write of
         # these LBAs waits for it
         assert fs._lock(ns).held == [(1, 3)]
-        assert fs.lane_write(2, fh, 0, memoryview(data[:4096])) is None
+        assert fs.lane_write(2, fh, 8192, memoryview(data[:4096])) is None     # overlaps it
         assert await replies.wait(1) == ("written", 8192)
         assert fs._lock(ns).held == []
         transport.model.inject(0x02, action="delay", delay_ms=50)
