@@ -97,6 +97,7 @@ static int thread_armed;
 static struct fuse_session *threaded_se;    /* the session whose /dev/fuse the lane thread reads */
 static int fwd_pipe[2] = {-1, -1};
 static int stop_fd = -1;
+static atomic_int stopping;
 static _Thread_local int tls_in_lane, tls_forward;
 static atomic_ulong st_received, st_answered, st_forwarded, st_declined;
 
@@ -234,6 +235,7 @@ static int lane_open(struct fuse_session *se)
     atomic_store(&st_answered, 0);
     atomic_store(&st_forwarded, 0);
     atomic_store(&st_declined, 0);
+    atomic_store(&stopping, 0);
     threaded_se = se;
     return 0;
 }
@@ -288,21 +290,29 @@ int nvmefs_lane_loop(void)
     p[0].events = POLLIN;
     p[1].fd = stop_fd;
     p[1].events = POLLIN;
+    /* Non-blocking, so that nvmefs_lane_stop() can end a thread that would
+     * otherwise sit in read() until the next request: poll() only when
+     * there is nothing to read (under load, one syscall per request).
+     * Nobody else reads this file description any more. */
+    int fl = fcntl(p[0].fd, F_GETFL);
+    if (fl < 0 || fcntl(p[0].fd, F_SETFL, fl | O_NONBLOCK) < 0)
+        return -errno;
     tls_in_lane = 1;
     for (;;) {
-        /* poll first: nvmefs_lane_stop() must be able to end a thread
-         * that would otherwise sit in read() until the next request */
-        r = poll(p, 2, -1);
-        if (r < 0) {
-            if (errno == EINTR)
-                continue;
-            err = -errno;
-            break;
-        }
-        if (p[1].revents)
+        if (atomic_load(&stopping))
             break;
         r = real_receive_buf(se, &fbuf);
-        if (r == -EINTR || r == -EAGAIN)
+        if (r == -EAGAIN) {
+            r = poll(p, 2, -1);
+            if (r < 0 && errno != EINTR) {
+                err = -errno;
+                break;
+            }
+            if (r > 0 && p[1].revents)
+                break;
+            continue;
+        }
+        if (r == -EINTR)
             continue;
         if (r <= 0) {           /* 0: unmounted, or the session was told to exit */
             err = r;
@@ -340,6 +350,7 @@ int nvmefs_lane_loop(void)
 void nvmefs_lane_stop(void)
 {
     uint64_t one = 1;
+    atomic_store(&stopping, 1);
     if (stop_fd >= 0)
         while (write(stop_fd, &one, sizeof one) < 0 && errno == EINTR)
             ;
