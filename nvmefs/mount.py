@@ -94,6 +94,9 @@ async def serve(args, transport, ready_fd=None):
         fuseshim.arm_lane_thread(not args.no_direct_lane and not args.no_lane_thread)
         try:
             pyfuse3.init(fs, args.mountpoint, options)
+        except BaseException:
+            fuseshim.lane_close()       # the session may exist, its pipe does
+            raise
         finally:
             fuseshim.arm_lane_thread(False)
         if fuseshim.lane_threaded():
