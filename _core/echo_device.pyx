@@ -129,8 +129,19 @@ cdef class EchoDevice:
         self.st.qid = qp.qid
         self.st.sq_db = qp.sq_db
         self.st.cq_db = qp.cq_db
-        self.st.sq_head = qp.sq_tail
-        self.st.phase = 1
+        # Attaching is creating the queue: the device starts where the host
+        # is, and its doorbells must say so too.  A register file outlives
+        # its queue pairs (core_bench makes a new pair on the same qid for
+        # every run), so the registers may still hold the last queue's tail
+        # and head; the thread would take a stale tail for new entries and
+        # complete never-written slots, then skip the host's real commands
+        # in them (they never complete), and a stale CQ head makes it stall
+        # for CQ space that is free.
+        self.st.sq_head = qp.sq_tail_rung
+        self.st.cq_tail = qp.cq_head
+        self.st.phase = qp.phase
+        nvmefs_store_release32(qp.sq_db, qp.sq_tail_rung)
+        nvmefs_store_release32(qp.cq_db, qp.cq_head)
         self.st.next_seq = 0
 
     def start(self):

@@ -264,6 +264,39 @@ def test_defect6_checker_catches_doorbell_before_entry(arena, regs):
     assert dev.torn > 0
 
 
+@pytest.mark.parametrize("batch", [1, 16])
+def test_echo_device_ignores_doorbells_left_by_an_earlier_queue(arena, regs, batch):
+    # core_bench makes a new pair on the same qid and register file for
+    # every run, so the doorbells still hold the last run's tail and head
+    # (1_000_000 % 256 == 64 there).  A device that trusted them completed
+    # 64 never-written slots, then skipped the host's real commands in
+    # them: "999936/1000000 completed".  Sleeping after start() lets the
+    # device thread read the doorbell before the host's first ring, which
+    # is what happened by chance in the bench.
+    import time
+    first = _core.QueuePair(arena, regs, 1, 256)
+    dev = _core.EchoDevice(first, verify=False)
+    dev.start()
+    try:
+        assert _core.echo_stress(first, dev, 256 + 64, batch, 10.0)[0] == 256 + 64
+    finally:
+        dev.stop()
+    assert regs.read32(regs.doorbell_offset(1, False)) == 64
+    assert regs.read32(regs.doorbell_offset(1, True)) == 64
+    qp = _core.QueuePair(arena, regs, 1, 256)
+    dev = _core.EchoDevice(qp)
+    assert regs.read32(regs.doorbell_offset(1, False)) == qp.sq_tail == 0
+    assert regs.read32(regs.doorbell_offset(1, True)) == qp.cq_head == 0
+    dev.start()
+    try:
+        time.sleep(0.05)
+        done, wrong, _ns = _core.echo_stress(qp, dev, 5_000, batch, 10.0)
+    finally:
+        dev.stop()
+    assert (done, wrong) == (5_000, 0)
+    assert dev.seen == 5_000 and dev.torn == 0
+
+
 # 7 -------------------------------------------------------------------------------
 
 def test_defect7_scattered_buffer_becomes_valid_sgl_chain(arena, regs, fake):
