@@ -9,6 +9,8 @@
 # reads (Controller, IoQueue, BouncePool, Namespace, NvmeFS) stay the
 # source of truth; nothing is cached across calls.
 
+import threading
+
 from posix.time cimport clock_gettime, timespec, CLOCK_REALTIME
 from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE
 from cpython.bytes cimport PyBytes_AS_STRING
@@ -110,7 +112,8 @@ def fast_first(ctrl, ns, int opcode, uint64_t lba, size_t nbytes, uint32_t cdw12
 cdef void fp_unwind(tuple pending, object lock, uint64_t first, uint64_t count) noexcept:
     """The lane submitted a command but could not hand it to a task (an
     exception on the way; the shim then answers EIO): leave the command to
-    complete on its own without leaking its range or its chunk."""
+    complete on its own without leaking its range or its chunk.  Wakes trio
+    tasks: only in trio's thread (see lane_unwind_from())."""
     q, chunks, rc = pending
     try:
         if type(rc) is not int:         # adopted: the completion gives the chunk back
@@ -121,10 +124,13 @@ cdef void fp_unwind(tuple pending, object lock, uint64_t first, uint64_t count) 
             q.bounce.give(chunks)
         # else still in flight and not adopted: the chunk stays out of the
         # pool rather than be reused under DMA
-        if lock is not None:
-            lock.release(first, first + count)
     except BaseException:
         pass
+    if lock is not None:
+        try:
+            lock.release(first, first + count)
+        except BaseException:
+            pass
 
 
 cdef object fp_queue(object ctrl, object ns, int opcode, uint64_t lba, size_t nbytes, uint32_t cdw12,
@@ -143,6 +149,8 @@ cdef object fp_queue(object ctrl, object ns, int opcode, uint64_t lba, size_t nb
     if q.polled or q.dead:
         return None
     bounce = q.bounce
+    if bounce.lot:
+        return None         # tasks wait for bounce memory there: no jumping ahead of them
     chunks = bounce.try_take(nbytes)
     if chunks is None:
         return None
@@ -194,6 +202,20 @@ def lane_unwind(tuple pending, lock, uint64_t first, uint64_t count):
     """fp_unwind() for NvmeFS._lane_spawn: a task the lane asked for could
     not be started."""
     fp_unwind(pending, lock, first, count)
+
+
+cdef void lane_unwind_from(object fs, tuple pending, object lock, uint64_t first, uint64_t count) noexcept:
+    """fp_unwind() from wherever the lane runs: releasing a range, giving
+    chunks back and listening for a completion wake trio tasks, which only
+    trio's thread may do.  With trio gone there is nobody left to wake,
+    and the command's chunk and range stay out (the mount is ending)."""
+    try:
+        if threading.get_ident() == fs.trio_thread:
+            fp_unwind(pending, lock, first, count)
+        else:
+            fs.token.run_sync_soon(lane_unwind, pending, lock, first, count)
+    except BaseException:
+        pass
 
 
 cdef object fp_now_ns():
@@ -251,7 +273,7 @@ cdef class DirectLane:
             fs.token.run_sync_soon(fs._lane_spawn, fs._lane_read_task,
                                    (req, ns, first, count, skip, size, pending), None, 0, 0)
         except BaseException:
-            fp_unwind(pending, None, 0, 0)
+            lane_unwind_from(fs, pending, None, 0, 0)
             raise
         return self.taken
 
@@ -293,6 +315,6 @@ cdef class DirectLane:
             fs.token.run_sync_soon(fs._lane_spawn, fs._lane_write_task,
                                    (req, ns, off, bytes(data), lock, pending), lock, first, count)
         except BaseException:
-            fp_unwind(pending, lock, first, count)
+            lane_unwind_from(fs, pending, lock, first, count)
             raise
         return self.taken

@@ -10,6 +10,7 @@ import errno
 import logging
 import os
 import stat
+import threading
 import time
 
 from nvmefs import fuseshim
@@ -78,6 +79,7 @@ class NvmeFS(pyfuse3.Operations):
         # what the lane needs to reach trio from the lane thread
         self.token = trio.lowlevel.current_trio_token()
         self.clock = trio.lowlevel.current_clock()
+        self.trio_thread = threading.get_ident()
         lane = _core.DirectLane(self, fuseshim.TAKEN)
         self.lane_read, self.lane_write = lane.read, lane.write
 

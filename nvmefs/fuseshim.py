@@ -90,8 +90,14 @@ class LaneThread:
         self._instrument = _fuseshim.WorldLock()
         trio.lowlevel.add_instrument(self._instrument)
         _fuseshim.world_acquire()       # held from here on, except in I/O waits
-        self.thread = threading.Thread(target=self._run, name="nvmefs-lane", daemon=True)
-        self.thread.start()
+        thread = threading.Thread(target=self._run, name="nvmefs-lane", daemon=True)
+        try:
+            thread.start()
+        except BaseException:
+            trio.lowlevel.remove_instrument(self._instrument)
+            _fuseshim.world_release()
+            raise
+        self.thread = thread
 
     def _run(self):
         try:

@@ -132,6 +132,7 @@ async def serve(args, transport, ready_fd=None):
                     fs.lane_thread.stop()
                     if fs.lane_thread.result:
                         state["unmounted"] = False      # it failed; the kernel still has us
+                        state["failed"] = f"the lane thread failed: {fs.lane_thread.result!r}"
                 with trio.move_on_after(60):
                     while requests.child_tasks:
                         await trio.sleep(0.01)
@@ -143,7 +144,12 @@ async def serve(args, transport, ready_fd=None):
             fuseshim.lane_close()
             fuseshim.set_fallocate_handler(None)
             fuseshim.set_lane(None, None)
+    if state.get("failed"):
+        print(f"nvmefs: error: {state['failed']}; {args.mountpoint} unmounted, controller shut down",
+              file=sys.stderr, flush=True)
+        return 1
     print(f"nvmefs: {args.mountpoint} unmounted, controller shut down cleanly", flush=True)
+    return 0
 
 
 async def _serve_until_unmounted(state, requests_scope):
@@ -211,7 +217,7 @@ def run_mount(args):
 def serve_transport(args, transport):
     """Serve until unmounted, then close the transport (any transport)."""
     try:
-        trio.run(serve, args, transport, args.ready_fd)
+        rc = trio.run(serve, args, transport, args.ready_fd)
     except Exception as exc:
         from nvmefs.cli import unwrap
         exc = unwrap(exc)
@@ -225,7 +231,7 @@ def serve_transport(args, transport):
         # down daemon (exit -15): they stay blocked, and are dropped at exit.
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM, signal.SIGHUP})
         transport.close()
-    return 0
+    return rc
 
 
 def log_path(mountpoint):

@@ -352,3 +352,76 @@ async def test_world_lock_keeps_the_lane_thread_out_while_trio_runs():
         _fuseshim.world_acquire()
         trio.lowlevel.remove_instrument(inst)
         _fuseshim.world_release()
+
+
+class _FailingOnce:
+    """A trio token whose first run_sync_soon fails as after the end of
+    the run; later calls go through."""
+
+    def __init__(self, token):
+        self.token = token
+        self.failed = False
+
+    def run_sync_soon(self, fn, *args):
+        if not self.failed:
+            self.failed = True
+            raise trio.RunFinishedError("run finished")
+        self.token.run_sync_soon(fn, *args)
+
+
+@pytest.mark.skipif(fuseshim._fuseshim is None, reason="nvmefs._fuseshim is not built")
+async def test_lane_off_the_trio_thread_reaches_trio_only_through_its_token(transport, monkeypatch):
+    """What the lane thread does: DirectLane called from another thread
+    holding the world lock.  Anything that needs trio's run context there
+    (a task start, a deadline, waking a waiter) raises, and for the unwind
+    path would leave a completion nobody listens for."""
+    from nvmefs import _fuseshim
+
+    replies = Replies(monkeypatch)
+    inst = _fuseshim.WorldLock()
+    trio.lowlevel.add_instrument(inst)
+    _fuseshim.world_acquire()
+    try:
+        async with lane_fs(transport, io_queues=1, spin_us=50) as (c, ns, fs, fh):
+            q = c.io_qs[0]
+
+            def locked(fn, *args):
+                _fuseshim.world_lane_acquire()
+                try:
+                    return fn(*args)
+                finally:
+                    _fuseshim.world_lane_release()
+
+            async def lane(fn, *args):
+                return await trio.to_thread.run_sync(locked, fn, *args)
+
+            async def pool_whole():
+                with trio.fail_after(5):
+                    while q.qp.outstanding or len(q.bounce.free) != q.bounce.capacity():
+                        await trio.sleep(0.01)
+
+            data = os.urandom(8192)
+            assert await lane(fs.lane_write, 1, fh, 4096, memoryview(data)) == 8192      # inline
+            transport.model.inject(0x02, action="delay", delay_ms=30)
+            assert await lane(fs.lane_read, 2, fh, 4096, 8192) is fuseshim.TAKEN       # outlived the poll
+            assert await replies.wait(2) == ("data", data)
+            big = 2 * q.bounce.chunk
+            assert await lane(fs.lane_read, 3, fh, 0, big) is fuseshim.TAKEN           # queued
+            assert (await replies.wait(3))[1][4096:4096 + 8192] == data
+            transport.model.inject(0x01, action="fail", sct=2, sc=0x81, dnr=True)
+            assert await lane(fs.lane_write, 4, fh, 0, memoryview(data[:4096])) is fuseshim.TAKEN
+            assert await replies.wait(4) == ("err", errno.EIO)
+            assert fs._lock(ns).held == []
+            await pool_whole()
+            # the task cannot be asked for: the shim answers EIO, and the
+            # command is left to its completion, unwound in trio's thread
+            monkeypatch.setattr(fs, "token", _FailingOnce(fs.token))
+            transport.model.inject(0x01, action="delay", delay_ms=30)
+            with pytest.raises(trio.RunFinishedError):
+                await lane(fs.lane_write, 5, fh, 0, memoryview(data[:4096]))
+            await pool_whole()
+            assert fs._lock(ns).held == []
+            assert 5 not in replies.got
+    finally:
+        _fuseshim.world_release()
+        trio.lowlevel.remove_instrument(inst)

@@ -87,6 +87,13 @@ def test_direct_lane_serves_aligned_io_and_can_be_turned_off(paths, tmp_path, mo
         out = tmp_path / "out"
         sh("dd", f"if={dev}", f"of={out}", "bs=4k", "count=1024", "iflag=direct", "status=none")
         assert out.read_bytes() == want
+        # requests larger than a bounce chunk: queued by the lane, answered by a task
+        big = tmp_path / "big"
+        big.write_bytes(os.urandom(2 * MiB))
+        sh("dd", f"if={big}", f"of={dev}", "bs=256k", "seek=8", "oflag=direct", "conv=notrunc", "status=none")
+        out2 = tmp_path / "out2"
+        sh("dd", f"if={dev}", f"of={out2}", "bs=256k", "skip=8", "count=8", "iflag=direct", "status=none")
+        assert out2.read_bytes() == big.read_bytes()
         # an odd window inside LBAs: one command, the window comes back
         with open(dev, "rb", buffering=0) as f:
             f.seek(4096 * 3 + 100)
@@ -97,13 +104,15 @@ def test_direct_lane_serves_aligned_io_and_can_be_turned_off(paths, tmp_path, mo
             # answered inline, or continued in a task when the poll gave up
             # (how many of each depends on how loaded the host is)
             assert st["on"] and st["read"] + st["write"] + st["continued"] >= 2049, st
+            assert st["queued"] >= 16 and st["continued"] >= st["queued"], st
         else:
             assert st == {"read": 0, "write": 0, "queued": 0, "continued": 0, "on": False, "thread": None}
         th = st["thread"]
         if mode == "lane-thread":
             # every request was read by the thread: answered there or handed
             # on (lookups, opens, the unaligned write the lane declined, ...)
-            assert th["received"] == th["answered"] + th["to_pyfuse3"], th
+            # (give or take an asynchronous RELEASE read but not yet handed on)
+            assert 0 <= th["received"] - (th["answered"] + th["to_pyfuse3"]) <= 2, th
             assert th["answered"] >= 2049 and th["declined"] >= 1 and th["to_pyfuse3"] > th["declined"], th
         else:
             assert th is None

@@ -113,6 +113,11 @@ static pthread_mutex_t world_mu = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t world_cv = PTHREAD_COND_INITIALIZER;
 static int world_owner;         /* 0 free, 1 trio thread, 2 lane thread */
 static int lane_wants, trio_wants;
+/* set when the lane lets go while the trio thread waits: the lane may not
+ * take the lock back before the trio thread has had it once (under load
+ * the lane would otherwise win every time: it asks again within a
+ * microsecond, and waking the trio thread takes tens) */
+static int trio_turn;
 
 typedef int (*session_fd_fn)(struct fuse_session *);
 typedef int (*receive_buf_fn)(struct fuse_session *, struct fuse_buf *);
@@ -155,9 +160,10 @@ void nvmefs_world_trio_acquire(void)
     /* a waiting lane goes first: its requests are short, and the trio
      * thread would otherwise take the lock back after every zero-timeout
      * I/O check of a busy loop and starve it */
-    while (world_owner != 0 || lane_wants)
+    while (world_owner != 0 || (lane_wants && !trio_turn))
         pthread_cond_wait(&world_cv, &world_mu);
     trio_wants = 0;
+    trio_turn = 0;
     world_owner = 1;
     pthread_mutex_unlock(&world_mu);
 }
@@ -175,7 +181,7 @@ static void world_lane_acquire(void)
 {
     pthread_mutex_lock(&world_mu);
     lane_wants = 1;
-    while (world_owner != 0)
+    while (world_owner != 0 || trio_turn)
         pthread_cond_wait(&world_cv, &world_mu);
     lane_wants = 0;
     world_owner = 2;
@@ -186,8 +192,10 @@ static void world_lane_release(void)
 {
     pthread_mutex_lock(&world_mu);
     world_owner = 0;
-    if (trio_wants)
+    if (trio_wants) {
+        trio_turn = 1;
         pthread_cond_broadcast(&world_cv);
+    }
     pthread_mutex_unlock(&world_mu);
 }
 
@@ -222,15 +230,12 @@ static void lane_init(void *userdata, struct fuse_conn_info *conn)
 
 static int lane_open(struct fuse_session *se)
 {
-    if (pipe2(fwd_pipe, O_CLOEXEC) != 0)
-        return -1;
+    /* the write end non-blocking: a full pipe means pyfuse3's loop is gone */
+    if (pipe2(fwd_pipe, O_CLOEXEC) != 0 || fcntl(fwd_pipe[1], F_SETFL, O_NONBLOCK) < 0)
+        goto undo;
     stop_fd = eventfd(0, EFD_CLOEXEC);
-    if (stop_fd < 0) {
-        close(fwd_pipe[0]);
-        close(fwd_pipe[1]);
-        fwd_pipe[0] = fwd_pipe[1] = -1;
-        return -1;
-    }
+    if (stop_fd < 0)
+        goto undo;
     atomic_store(&st_received, 0);
     atomic_store(&st_answered, 0);
     atomic_store(&st_forwarded, 0);
@@ -238,18 +243,37 @@ static int lane_open(struct fuse_session *se)
     atomic_store(&stopping, 0);
     threaded_se = se;
     return 0;
+undo:
+    for (int i = 0; i < 2; i++)
+        if (fwd_pipe[i] >= 0) {
+            close(fwd_pipe[i]);
+            fwd_pipe[i] = -1;
+        }
+    return -1;
 }
 
-/* Hand a request's buffer (malloc'd, now owned by the queue) to pyfuse3's
- * loop.  0, or -1 when it could not (the request is then lost: answered
- * by nobody, like one read after the session ended). */
-static int forward(void *mem, size_t size)
+/* Answer a request we could not hand on (no memory, pyfuse3's loop gone),
+ * straight on /dev/fuse: otherwise its caller would wait until unmount. */
+static void answer_raw(int fd, uint64_t unique, int err)
 {
+    struct fuse_out_header out = {.len = sizeof out, .error = -err, .unique = unique};
+    while (write(fd, &out, sizeof out) < 0 && errno == EINTR)
+        ;
+}
+
+/* Hand a request's buffer (malloc'd, now owned here) to pyfuse3's loop.
+ * 0, or -errno when it could not: the request was then answered with that
+ * error, and the buffer freed. */
+static int forward(int fuse_fd, void *mem, size_t size)
+{
+    const struct fuse_in_header *in = mem;
     struct fwd *f = malloc(sizeof *f);
     char one = 1;
+    int err = 0;
+    ssize_t n;
     if (f == NULL) {
-        free(mem);
-        return -1;
+        err = ENOMEM;
+        goto fail;
     }
     f->next = NULL;
     f->mem = mem;
@@ -261,11 +285,31 @@ static int forward(void *mem, size_t size)
         fwd_head = f;
     fwd_tail = f;
     pthread_mutex_unlock(&fwd_mu);
-    /* the byte after the record: a reader woken by it finds the record */
-    while (write(fwd_pipe[1], &one, 1) < 0 && errno == EINTR)
-        ;
+    /* counted before pyfuse3 can see it (nvmefs stats reads these there) */
     atomic_fetch_add(&st_forwarded, 1);
-    return 0;
+    /* the byte after the record: a reader woken by it finds the record */
+    while ((n = write(fwd_pipe[1], &one, 1)) < 0 && errno == EINTR)
+        ;
+    if (n == 1)
+        return 0;
+    /* 64 Ki requests waiting: pyfuse3's loop has stopped taking them */
+    err = errno == EAGAIN ? EIO : errno;
+    pthread_mutex_lock(&fwd_mu);        /* take the record back: it is the tail */
+    struct fwd **pp = &fwd_head, *prev = NULL;
+    while (*pp != f) {
+        prev = *pp;
+        pp = &(*pp)->next;
+    }
+    *pp = NULL;
+    fwd_tail = prev;
+    pthread_mutex_unlock(&fwd_mu);
+    atomic_fetch_sub(&st_forwarded, 1);
+    free(f);
+fail:
+    if (in->opcode != FUSE_FORGET && in->opcode != FUSE_BATCH_FORGET)   /* these get no answer */
+        answer_raw(fuse_fd, in->unique, err);
+    free(mem);
+    return -err;
 }
 
 int nvmefs_lane_decline(void)
@@ -284,21 +328,22 @@ int nvmefs_lane_loop(void)
     int err = 0, r;
 
     if (se == NULL)
-        return -EINVAL;
+        return -EINVAL;     /* no pipe was ever handed to pyfuse3 */
     memset(&fbuf, 0, sizeof fbuf);
     p[0].fd = real_session_fd(se);
     p[0].events = POLLIN;
     p[1].fd = stop_fd;
     p[1].events = POLLIN;
-    /* Non-blocking, so that nvmefs_lane_stop() can end a thread that would
-     * otherwise sit in read() until the next request: poll() only when
-     * there is nothing to read (under load, one syscall per request).
-     * Nobody else reads this file description any more. */
+    /* Non-blocking /dev/fuse (the session is mounted by now), so that
+     * nvmefs_lane_stop() can end a thread that would otherwise sit in
+     * read() until the next request: it polls only when there is nothing
+     * to read (under load, one syscall per request).  Nobody else reads
+     * this file description any more. */
     int fl = fcntl(p[0].fd, F_GETFL);
     if (fl < 0 || fcntl(p[0].fd, F_SETFL, fl | O_NONBLOCK) < 0)
-        return -errno;
+        err = -errno;
     tls_in_lane = 1;
-    for (;;) {
+    while (err == 0) {
         if (atomic_load(&stopping))
             break;
         r = real_receive_buf(se, &fbuf);
@@ -336,7 +381,7 @@ int nvmefs_lane_loop(void)
             atomic_fetch_add(&st_declined, 1);
         }
         /* libfuse allocates a fresh buffer for the next request */
-        forward(fbuf.mem, (size_t)r);
+        forward(p[0].fd, fbuf.mem, (size_t)r);
         fbuf.mem = NULL;
     }
     tls_in_lane = 0;
