@@ -240,6 +240,19 @@ cdef class DirectLane:
         self.taken = taken
         self.counts = fs.lane
 
+    cdef object start(self, object ns, int opcode, uint64_t first, uint64_t nbytes, uint32_t cdw12,
+                      object data, bint windowed, size_t skip, size_t size):
+        """One polled command on an idle queue (fp_first), else one queued
+        behind what is in flight (fp_queue); None when neither can be had."""
+        fs = self.fs
+        pending = fp_first(fs.ctrl, ns.nsid, <uint32_t>ns.lba_size, opcode, first, nbytes, cdw12, data,
+                           windowed, skip, size)
+        if pending is None:
+            pending = fp_queue(fs.ctrl, ns, opcode, first, nbytes, cdw12, data, fs.clock.current_time())
+            if pending is not None:
+                self.counts["queued"] += 1
+        return pending
+
     def read(self, req, uint64_t fh, uint64_t off, uint64_t size):
         cdef uint64_t bs, first, count, nbytes, skip
         fs = self.fs
@@ -254,15 +267,10 @@ cdef class DirectLane:
         if count > FP_MAX_NLB or nbytes > <uint64_t>ctrl.max_transfer:
             return None
         skip = off - first * bs
-        pending = fp_first(ctrl, ns.nsid, <uint32_t>bs, FP_READ, first, nbytes, <uint32_t>(count - 1), None,
-                           True, skip, size)
+        pending = self.start(ns, FP_READ, first, nbytes, <uint32_t>(count - 1), None, True, skip, size)
         if pending is None:
-            pending = fp_queue(ctrl, ns, FP_READ, first, nbytes, <uint32_t>(count - 1), None,
-                               fs.clock.current_time())
-            if pending is None:
-                return None
-            self.counts["queued"] += 1
-        elif (<tuple>pending)[1] is None:
+            return None
+        if (<tuple>pending)[1] is None:
             self.counts["read"] += 1
             return (<tuple>pending)[2]
         try:
@@ -293,19 +301,13 @@ cdef class DirectLane:
         lock = fs._lock(ns)
         if lock.held and not lock._free(first, first + count):
             return None         # a read-modify-write, fallocate or write there is in flight: queue behind it
-        pending = fp_first(ctrl, ns.nsid, <uint32_t>bs, FP_WRITE, first, n, <uint32_t>(count - 1), data,
-                           False, 0, 0)
+        pending = self.start(ns, FP_WRITE, first, n, <uint32_t>(count - 1), data, False, 0, 0)
         if pending is None:
-            pending = fp_queue(ctrl, ns, FP_WRITE, first, n, <uint32_t>(count - 1), data,
-                               fs.clock.current_time())
-            if pending is None:
-                return None
-            self.counts["queued"] += 1
-        elif (<tuple>pending)[1] is None:
-            fs.mtime[fh] = fp_now_ns()
+            return None
+        fs.mtime[fh] = fp_now_ns()
+        if (<tuple>pending)[1] is None:
             self.counts["write"] += 1
             return n
-        fs.mtime[fh] = fp_now_ns()
         # still in flight, failed or queued: from here the write holds its
         # range like any other until it ends (the lock was free and nothing
         # else ran since: this cannot fail)
