@@ -4,6 +4,7 @@ under CI, a skip elsewhere)."""
 import errno as errno_mod
 import hashlib
 import json
+import mmap
 import os
 import shutil
 import signal
@@ -284,16 +285,27 @@ def test_fsync_survives_kill_9(paths):
             assert f.read(MiB) == data
 
 
+@pytest.mark.parametrize("reader", ["lane-thread", "pyfuse3-loop"])
 @pytest.mark.parametrize("how", ["SIGINT", "SIGTERM", "fusermount"])
-def test_clean_exit_on_signal_or_unmount(paths, how):
+def test_clean_exit_on_signal_or_unmount(paths, how, reader):
+    """Whoever reads /dev/fuse: the lane thread has to stop (signals) or
+    notice the unmount and end pyfuse3's loop with it (fusermount)."""
     mnt, img = paths
     os.makedirs(mnt)
-    proc = subprocess.Popen(nvmefs_cmd("mount", mnt, "--image", img, "--size", "16M"),
+    extra = ["--no-lane-thread"] if reader == "pyfuse3-loop" else []
+    proc = subprocess.Popen(nvmefs_cmd("mount", mnt, "--image", img, "--size", "16M", *extra),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         wait_for_mount(proc, mnt)
         with open(os.path.join(mnt, "nvme0n1"), "r+b") as f:
             f.write(b"signal" * 100)
+        fd = os.open(os.path.join(mnt, "nvme0n1"), os.O_RDWR | os.O_DIRECT)
+        try:
+            buf = mmap.mmap(-1, 8192)
+            buf.write(b"direct" * 1365)
+            assert os.pwritev(fd, [buf], 8192) == 8192      # aligned: the lane's
+        finally:
+            os.close(fd)
     finally:
         rc = stop(proc, mnt, how=how)
     out, err = proc.communicate()
@@ -303,6 +315,8 @@ def test_clean_exit_on_signal_or_unmount(paths, how):
     with mounted(mnt, img):
         with open(os.path.join(mnt, "nvme0n1"), "rb") as f:
             assert f.read(600) == b"signal" * 100
+            f.seek(8192)
+            assert f.read(8190) == b"direct" * 1365
 
 
 def test_fault_injection_through_the_mount(paths):
