@@ -227,17 +227,21 @@ class NvmeFS(pyfuse3.Operations):
     # pyfuse3 turns every request into a coroutine awaited by one of its
     # worker tasks; at QD1 that machinery costs more than the NVMe command.
     # The shim offers each read and write to lane_read/lane_write first,
-    # synchronously, inside libfuse's dispatch.  When one polled command on
-    # an idle queue can serve it (_core.fast_first), they answer it on the
-    # spot.  When the command fails or outlives the poll, a task takes
-    # it over through Namespace._command (so the retry and reset rules are
-    # the general path's) and answers it.  Everything else -- short reads
-    # at the end, unaligned writes, requests larger than MDTS, busy queues,
-    # ranges a read-modify-write holds -- is declined (None) and goes to
-    # pyfuse3's handler, i.e. read() and write() above.  lane_read and
-    # lane_write are _core.DirectLane's (fastpath.pyx): in Python their
-    # bookkeeping cost more than the command.  The tasks that continue
-    # them are below.
+    # synchronously, inside libfuse's dispatch -- by default in the lane
+    # thread that reads /dev/fuse (fuseshim.LaneThread), holding the world
+    # lock, so never at the same time as a trio task, but outside trio's
+    # thread: what they need of trio goes through self.token and self.clock.
+    # When one polled command on an idle queue can serve a request
+    # (_core.fast_first), they answer it on the spot; when none can, they
+    # queue one without polling.  When the command fails, outlives the poll
+    # or was queued, a task takes it over through Namespace._command (so the
+    # retry and reset rules are the general path's) and answers it.
+    # Everything else -- short reads at the end, unaligned writes, requests
+    # larger than MDTS, no bounce memory, a range a read-modify-write holds
+    # -- is declined (None) and goes to pyfuse3's handler, i.e. read() and
+    # write() above.  lane_read and lane_write are _core.DirectLane's
+    # (fastpath.pyx): in Python their bookkeeping cost more than the
+    # command.  The tasks that continue them are below.
 
     def _lane_spawn(self, task, args, lock, first, count):
         """Starts the task the lane asked for (through run_sync_soon: it may
