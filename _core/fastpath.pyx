@@ -226,11 +226,14 @@ cdef object fp_now_ns():
 
 cdef class DirectLane:
     """The FUSE direct lane (see nvmefs/fusefs.py, NvmeFS): read() and
-    write() run inside libfuse's dispatch, through nvmefs._fuseshim.  Each
-    returns None (declined: pyfuse3's handler gets the request), the reply
-    (bytes, or the count written), or ``taken``: the command failed or
-    outlived the poll, and a task (NvmeFS._lane_read_task/_lane_write_task)
-    finishes it and answers."""
+    write() run inside libfuse's dispatch, through nvmefs._fuseshim: in the
+    lane thread holding the world lock, or in trio's thread.  Either way no
+    trio task runs meanwhile, but nothing here may need trio's run context
+    (task starts go through the trio token).  Each returns None (declined:
+    pyfuse3's handler gets the request), the reply (bytes, or the count
+    written), or ``taken``: the command failed, outlived the poll or was
+    queued, and a task (NvmeFS._lane_read_task/_lane_write_task) finishes
+    it and answers."""
     cdef object fs
     cdef object taken
     cdef dict counts
