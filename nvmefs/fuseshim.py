@@ -24,18 +24,9 @@ finally:
     sys.setdlopenflags(_flags)
 
 if _fuseshim is not None:
-    set_fallocate_handler = _fuseshim.set_fallocate_handler
-    set_lane = _fuseshim.set_lane
-    reply_err = _fuseshim.reply_err
-    reply_buf = _fuseshim.reply_buf
-    reply_write = _fuseshim.reply_write
-    sessions_hooked = _fuseshim.sessions_hooked
-    lane_sessions = _fuseshim.lane_sessions
-    TAKEN = _fuseshim.TAKEN
-    arm_lane_thread = _fuseshim.arm_lane_thread
-    lane_threaded = _fuseshim.lane_threaded
-    lane_close = _fuseshim.lane_close
-    lane_thread_stats = _fuseshim.lane_thread_stats
+    from nvmefs._fuseshim import (TAKEN, arm_lane_thread, lane_close, lane_sessions, lane_thread_stats,
+                                  lane_threaded, reply_buf, reply_err, reply_write, sessions_hooked,
+                                  set_fallocate_handler, set_lane)
 else:
     TAKEN = object()
 

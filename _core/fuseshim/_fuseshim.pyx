@@ -93,16 +93,6 @@ cdef int _reply_data(fuse_req_t req, object data) except? INT_MIN:
         PyBuffer_Release(&view)
 
 
-cdef inline void _decline_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
-                               fuse_file_info *fi) noexcept:
-    if nvmefs_lane_decline():
-        # in the lane thread: the request goes to pyfuse3's loop as it came
-        # from /dev/fuse, and libfuse makes a new one of it there
-        fuse_reply_none(req)
-    else:
-        nvmefs_fuse_orig_read(req, ino, size, off, fi)
-
-
 cdef void _on_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, fuse_file_info *fi) noexcept with gil:
     # called inside fuse_session_process_buf(): in pyfuse3's trio thread, or
     # in the lane thread holding the world lock; either way nothing else
@@ -123,7 +113,12 @@ cdef void _on_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, fuse_
                 # not a buffer: nothing was sent
                 _lane_failed(req, "read")
             return
-    _decline_read(req, ino, size, off, fi)
+    if nvmefs_lane_decline():
+        # in the lane thread: the request goes to pyfuse3's loop as it came
+        # from /dev/fuse, and libfuse makes a new one of it there
+        fuse_reply_none(req)
+    else:
+        nvmefs_fuse_orig_read(req, ino, size, off, fi)
 
 
 cdef void _on_write_buf(fuse_req_t req, fuse_ino_t ino, fuse_bufvec *bufv, off_t off,

@@ -177,7 +177,7 @@ void nvmefs_world_trio_release(void)
     pthread_mutex_unlock(&world_mu);
 }
 
-static void world_lane_acquire(void)
+void nvmefs_world_lane_acquire(void)
 {
     pthread_mutex_lock(&world_mu);
     lane_wants = 1;
@@ -188,7 +188,7 @@ static void world_lane_acquire(void)
     pthread_mutex_unlock(&world_mu);
 }
 
-static void world_lane_release(void)
+void nvmefs_world_lane_release(void)
 {
     pthread_mutex_lock(&world_mu);
     world_owner = 0;
@@ -197,16 +197,6 @@ static void world_lane_release(void)
         pthread_cond_broadcast(&world_cv);
     }
     pthread_mutex_unlock(&world_mu);
-}
-
-void nvmefs_world_lane_acquire(void)
-{
-    world_lane_acquire();
-}
-
-void nvmefs_world_lane_release(void)
-{
-    world_lane_release();
 }
 
 void nvmefs_lane_arm(int on)
@@ -370,10 +360,10 @@ int nvmefs_lane_loop(void)
         }
         const struct fuse_in_header *in = fbuf.mem;
         if ((size_t)r >= sizeof *in && (in->opcode == FUSE_READ || in->opcode == FUSE_WRITE)) {
-            world_lane_acquire();
+            nvmefs_world_lane_acquire();
             tls_forward = 0;
             real_process_buf(se, &fbuf);
-            world_lane_release();
+            nvmefs_world_lane_release();
             if (!tls_forward) {
                 atomic_fetch_add(&st_answered, 1);
                 continue;
