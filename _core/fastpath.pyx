@@ -302,7 +302,7 @@ cdef class DirectLane:
         first = off // bs
         count = n // bs
         lock = fs._lock(ns)
-        if lock.held and not lock._free(first, first + count):
+        if not lock._free(first, first + count):
             return None         # a read-modify-write, fallocate or write there is in flight: queue behind it
         pending = self.start(ns, FP_WRITE, first, n, <uint32_t>(count - 1), data, False, 0, 0)
         if pending is None:

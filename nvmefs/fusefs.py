@@ -31,30 +31,39 @@ ZERO_CHUNK = 1 << 20
 
 class RangeLock:
     """Exclusive locks on half-open LBA ranges; waiters park until no held
-    range overlaps theirs.  O(held ranges) per operation, which is the
+    range overlaps theirs.  The ranges live in a _core.RangeSet, where the
+    lane engine takes its writes' ranges from the lane thread too (which
+    then has trio's thread run wake()).  O(held ranges) per operation, the
     number of writes in flight."""
 
-    def __init__(self):
-        self.held = []
+    def __init__(self, capacity=64):
+        self.core = _core.RangeSet(capacity)
         self.lot = trio.lowlevel.ParkingLot()
 
+    @property
+    def held(self):
+        return self.core.held
+
     def _free(self, a, b):
-        return all(b <= x or y <= a for x, y in self.held)
+        return self.core.free(a, b)
 
     def try_acquire(self, a, b):
         """Take the range now if nothing overlaps it (no scheduling point)."""
-        if self.held and not self._free(a, b):
-            return False
-        self.held.append((a, b))
-        return True
+        return self.core.try_acquire(a, b)
 
     async def acquire(self, a, b):
-        while self.held and not self._free(a, b):
-            await self.lot.park()
-        self.held.append((a, b))
+        while not self.core.try_acquire(a, b):
+            self.core.waiters += 1
+            try:
+                await self.lot.park()
+            finally:
+                self.core.waiters -= 1
 
     def release(self, a, b):
-        self.held.remove((a, b))
+        self.core.release(a, b)
+        self.wake()
+
+    def wake(self):
         if self.lot:
             self.lot.unpark_all()
 
