@@ -79,7 +79,7 @@ class Controller:
 
     def __init__(self, transport, nursery, *, io_queues=None, queue_entries=256, admin_entries=64,
                  polled=False, timeout=10.0, admin_timeout=10.0, retries=3, max_transfer=None,
-                 bounce_bytes=16 << 20, spin_us=30, shadow_doorbells=None):
+                 bounce_bytes=16 << 20, spin_us=30, shadow_doorbells=None, lane_queue=False):
         self.transport = transport
         self.nursery = nursery
         self.want_queues = io_queues or usable_cpus()
@@ -98,6 +98,14 @@ class Controller:
         self.dbbuf_active = False
         self.admin_q = None
         self.io_qs = []
+        # one more I/O queue, beside the per-CPU ones, for a submitter
+        # outside trio (the FUSE lane thread's engine, _core/lane.pyx): it
+        # owns the queue whole, so nothing here submits to it or reaps it.
+        # lane_owner.lane_attach(q) gets every incarnation of it, and
+        # lane_detach() is called before one goes away.
+        self.lane_queue = lane_queue
+        self.lane_q = None
+        self.lane_owner = None
         self.namespaces = {}
         self.ready = trio.Event()
         self.generation = 0
@@ -167,14 +175,21 @@ class Controller:
 
         await self._setup_dbbuf()
 
-        n = min(self.want_queues, t.max_vectors() - 1)
+        lane = 1 if self.lane_queue else 0
+        n = min(self.want_queues + lane, t.max_vectors() - 1)
         dw0, _ = await self.admin(ADM_SET_FEATURES, cdw10=FEAT_NUM_QUEUES, cdw11=(n - 1) | ((n - 1) << 16))
         n = min(n, (dw0 & 0xFFFF) + 1, (dw0 >> 16) + 1)
+        if n < 2:
+            lane = 0            # the trio queues come first
         entries = min(self.queue_entries, self.mqes + 1)
         self.io_qs = []
+        self.lane_q = None
         for qid in range(1, n + 1):
+            is_lane = lane and qid == n
+            # the lane's requests bring their own DMA buffers: no bounce pool
             q = IoQueue(t, qid, entries, max_transfer=self.max_transfer, sgls=self.sgls,
-                        polled=self.polled, bounce_bytes=self.bounce_bytes, spin_ns=self.spin_ns)
+                        polled=self.polled, bounce_bytes=0 if is_lane else self.bounce_bytes,
+                        spin_ns=self.spin_ns)
             ien = 0 if self.polled else 1
             await self.admin(ADM_CREATE_CQ, cdw10=qid | ((entries - 1) << 16),
                              cdw11=1 | (ien << 1) | (qid << 16), prp1=q.qp.cq_iova)
@@ -182,8 +197,12 @@ class Controller:
                              cdw11=1 | (qid << 16), prp1=q.qp.sq_iova)
             if self.dbbuf_active:
                 q.qp.set_shadow(*self._dbbuf, self.dstrd)
-            await self.nursery.start(q.run)
-            self.io_qs.append(q)
+            if is_lane:
+                q.lane = True
+                self.lane_q = q
+            else:
+                await self.nursery.start(q.run)
+                self.io_qs.append(q)
 
         nsids = struct.unpack("<1024I", await self.identify(2))
         from nvmefs.namespace import Namespace
@@ -200,7 +219,28 @@ class Controller:
         for gone in set(self.namespaces) - seen:
             del self.namespaces[gone]
         self.generation += 1
+        if self.lane_q is not None and self.lane_owner is not None:
+            self.lane_owner.lane_attach(self.lane_q)
         self.ready.set()
+
+    def set_lane_owner(self, owner):
+        """Hand the lane queue (lane_queue=True) to ``owner``: see __init__.
+        False when the controller granted no queue for it."""
+        if self.lane_owner is not None:
+            raise RuntimeError("the lane queue already has an owner")
+        self.lane_owner = owner
+        if self.lane_q is None:
+            return False
+        if self.ready.is_set():
+            owner.lane_attach(self.lane_q)
+        return True
+
+    def _lane_detach(self):
+        if self.lane_owner is not None and self.lane_q is not None and not self.lane_q.dead:
+            self.lane_owner.lane_detach()
+
+    def _all_queues(self):
+        return [self.admin_q] + self.io_qs + ([self.lane_q] if self.lane_q is not None else [])
 
     async def _setup_dbbuf(self):
         """Doorbell Buffer Config: I/O queues publish tails and heads in a
@@ -355,6 +395,10 @@ class Controller:
                     if slot.deadline <= now and not slot.timed_out:
                         slot.timed_out = True
                         self.nursery.start_soon(self._on_timeout, q, slot)
+            q, owner = self.lane_q, self.lane_owner
+            if q is not None and owner is not None and not q.dead and self.ready.is_set():
+                for cid, opcode in owner.lane_expired(self.timeout):
+                    self.nursery.start_soon(self._on_timeout, q, _LaneCommand(owner, cid, opcode))
 
     async def _on_timeout(self, q, slot):
         gen = self.generation
@@ -403,7 +447,8 @@ class Controller:
                 log.warning("%s: resetting controller (%s)", self.transport.name, reason)
                 self.ready = trio.Event()
                 exc = ControllerReset(reason)
-                old = [self.admin_q] + self.io_qs
+                self._lane_detach()
+                old = self._all_queues()
                 for q in old:
                     q.fail_all(exc)
                 for q in old:
@@ -442,7 +487,8 @@ class Controller:
                         await ns.flush()
                     except (NvmeError, ControllerReset) as exc:
                         log.warning("flush of namespace %d at shutdown failed: %s", ns.nsid, exc)
-                for q in reversed(self.io_qs):
+                self._lane_detach()
+                for q in reversed(self.io_qs + ([self.lane_q] if self.lane_q is not None else [])):
                     await self.admin(ADM_DELETE_SQ, cdw10=q.qid)
                     await self.admin(ADM_DELETE_CQ, cdw10=q.qid)
             cc = t.read32(REG_CC)
@@ -457,10 +503,11 @@ class Controller:
             log.warning("%s: clean shutdown failed: %s", t.name, exc)
         finally:
             self.closed = True
-            for q in [self.admin_q] + self.io_qs:
+            self._lane_detach()
+            for q in self._all_queues():
                 if q is not None:
                     q.fail_all(ControllerError("controller shut down"))
-            for q in [self.admin_q] + self.io_qs:
+            for q in self._all_queues():
                 if q is not None:
                     if q.cancel_scope is not None:
                         await q.finished.wait()
@@ -469,7 +516,7 @@ class Controller:
     def stats(self):
         return {"transport": self.transport.name, "resets": self.resets,
                 "errors_by_status": dict(self.errors_by_status),
-                "queues": [q.stats() for q in [self.admin_q] + self.io_qs]}
+                "queues": [q.stats() for q in self._all_queues()]}
 
     async def _health(self):
         # CSTS.CFS can appear with nothing in flight; Linux notices it in its
@@ -482,6 +529,27 @@ class Controller:
                 except Exception as exc:
                     log.error("%s", exc)
                     return
+
+
+class _LaneCommand:
+    """A lane queue command past its deadline, as the timeout recipe
+    (Controller._on_timeout) sees a slot: the lane engine completes it in
+    its own thread, so whether it is done is asked of the owner."""
+
+    def __init__(self, owner, cid, opcode):
+        self.owner = owner
+        self.cid = cid
+        self.opcode = opcode
+        self.aborting = False
+        self.timed_out = True
+        self.event = self
+
+    def is_set(self):
+        return not self.owner.lane_command_in_flight(self.cid)
+
+    async def wait(self):
+        while not self.is_set():
+            await trio.sleep(0.005)
 
 
 @asynccontextmanager

@@ -126,7 +126,8 @@ class IoQueue:
         self.space = trio.lowlevel.ParkingLot()
         self.kick = trio.Event()
         self.bounce = BouncePool(transport.arena, bounce_chunk, max(1, bounce_bytes // bounce_chunk)) \
-            if qid else None
+            if qid and bounce_bytes else None
+        self.lane = False          # Controller.lane_q: submitted to and reaped outside trio
         self.busy_waits = 0
         self.dead = False
         self.cancel_scope = None
@@ -296,6 +297,8 @@ class IoQueue:
 
     def stats(self):
         s = self.qp.stats()
+        if self.lane:
+            s["lane"] = True
         s["busy_waits"] = self.busy_waits
         s["interrupts"] = self.interrupts
         s["polled_completions"] = self.spun + self.fast_path
