@@ -4,7 +4,7 @@
 # declarations live in include/ (.h and .pxd).
 
 cimport cython
-from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int64_t, uintptr_t
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int32_t, int64_t, uintptr_t
 from libc.string cimport memcpy, memset, memcmp
 from libc.string cimport memmove, strlen
 from libc.stdlib cimport realloc
@@ -38,6 +38,7 @@ include "sgl.pyx"
 include "qpair.pyx"
 include "ranges.pyx"
 include "fastpath.pyx"
+include "lane.pyx"
 include "model_store.pyx"
 include "model_dma.pyx"
 include "model_ctrl.pyx"
