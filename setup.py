@@ -57,7 +57,9 @@ fuseshim = Extension(
     "nvmefs._fuseshim",
     sources=[os.path.join("_core", "fuseshim", "_fuseshim.pyx"),
              os.path.join("_core", "fuseshim", "session_hook.c")],
-    include_dirs=[os.path.join("_core", "fuseshim")] + [f[2:] for f in fuse_cflags if f.startswith("-I")],
+    depends=[os.path.join("_core", "fuseshim", "session_hook.h"), os.path.join(INCLUDE, "lane_engine.h")],
+    # INCLUDE for lane_engine.h, the one thing it shares with the core
+    include_dirs=[os.path.join("_core", "fuseshim"), INCLUDE] + [f[2:] for f in fuse_cflags if f.startswith("-I")],
     extra_compile_args=["-O2", "-std=gnu11"] + [f for f in fuse_cflags if not f.startswith("-I")],
     extra_link_args=pkg_config("--libs", ["-lfuse3"]) + ["-ldl"],
     # optional (set below): without it the mount works and fallocate

@@ -26,7 +26,7 @@ finally:
 if _fuseshim is not None:
     from nvmefs._fuseshim import (TAKEN, arm_lane_thread, lane_close, lane_sessions, lane_thread_stats,
                                   lane_threaded, reply_buf, reply_err, reply_write, sessions_hooked,
-                                  set_fallocate_handler, set_lane)
+                                  set_engine, set_fallocate_handler, set_lane)
 else:
     TAKEN = object()
 
@@ -56,6 +56,9 @@ else:
         return False
 
     def lane_close():
+        pass
+
+    def set_engine(engine):
         pass
 
     def lane_thread_stats():

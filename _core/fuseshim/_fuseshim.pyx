@@ -43,6 +43,7 @@ cdef extern from "session_hook.h" nogil:
     void nvmefs_lane_close()
     int nvmefs_lane_decline()
     void nvmefs_lane_stats(unsigned long *out)
+    void nvmefs_lane_set_engine(void *e)
     void nvmefs_world_trio_acquire()
     void nvmefs_world_trio_release()
     void nvmefs_world_lane_acquire()
@@ -249,6 +250,14 @@ def arm_lane_thread(bint on):
 def lane_threaded():
     """True while a session exists whose /dev/fuse the lane thread reads."""
     return bool(nvmefs_lane_threaded())
+
+
+def set_engine(engine):
+    """The lane engine (nvmefs._core.LaneEngine) the lane thread drives, or
+    None.  Before pyfuse3.init(): the session's FUSE_INIT then keeps
+    max_write within the engine's receive buffers.  The caller keeps the
+    engine alive until set_engine(None)."""
+    nvmefs_lane_set_engine(<void *><uintptr_t>(engine.api_address if engine is not None else 0))
 
 
 def lane_loop():

@@ -11,10 +11,13 @@
 #include <fcntl.h>
 #include <stdint.h>
 #include <pthread.h>
+#include <sched.h>
+#include <time.h>
 #include <sys/eventfd.h>
 #include <linux/fuse.h>
 
 #include "session_hook.h"
+#include "lane_engine.h"
 
 typedef struct fuse_session *(*session_new_fn)(struct fuse_args *, const struct fuse_lowlevel_ops *,
                                                size_t, void *);
@@ -100,6 +103,9 @@ static int stop_fd = -1;
 static atomic_int stopping;
 static _Thread_local int tls_in_lane, tls_forward;
 static atomic_ulong st_received, st_answered, st_forwarded, st_declined;
+/* with an engine, reads and writes never go through libfuse in this
+ * thread (see engine_loop()) */
+static struct nvmefs_lane_engine *engine;
 
 struct fwd {
     struct fwd *next;
@@ -209,6 +215,11 @@ int nvmefs_lane_threaded(void)
     return threaded_se != NULL;
 }
 
+void nvmefs_lane_set_engine(struct nvmefs_lane_engine *e)
+{
+    engine = e;
+}
+
 static void lane_init(void *userdata, struct fuse_conn_info *conn)
 {
     if (orig_init != NULL)
@@ -216,6 +227,11 @@ static void lane_init(void *userdata, struct fuse_conn_info *conn)
     /* a spliced request's data sits in a pipe of the thread that read it:
      * it could not be handed to pyfuse3's thread */
     conn->want &= ~FUSE_CAP_SPLICE_READ;
+    /* every request must fit the engine's receive buffers (the kernel
+     * refuses a read() shorter than max_write plus the write headers);
+     * the 4 KiB of header room is libfuse's FUSE_BUFFER_HEADER_SIZE */
+    if (engine != NULL && conn->max_write > engine->bufsize - 4096)
+        conn->max_write = engine->bufsize - 4096;
 }
 
 static int lane_open(struct fuse_session *se)
@@ -310,6 +326,155 @@ int nvmefs_lane_decline(void)
     return 1;
 }
 
+/* ---- with the lane engine (_core/lane.pyx, lane_engine.h) ------------------
+ *
+ * The thread reads every request into one of the engine's receive buffers
+ * (DMA memory: a write's data is where its command will read it from) and
+ * offers reads, writes and interrupts to the engine, which submits at once
+ * and answers on /dev/fuse when the completion comes; it reaps between
+ * reads, so at queue depth N there are N commands at the controller, not
+ * one.  A request the engine declines is copied out and handed to pyfuse3
+ * as above.  Engine calls are made holding the world lock. */
+
+/* Wait until /dev/fuse (want_fuse), a completion or the stop event needs
+ * the thread; 0, or -errno. */
+static int engine_wait(struct nvmefs_lane_engine *e, int fuse_fd, int want_fuse, int want_stop, int timeout_ms)
+{
+    struct pollfd p[3];
+    int n = 0, busy, irq, r;
+    uint64_t junk;
+
+    nvmefs_world_lane_acquire();
+    busy = e->in_flight(e->ctx);
+    /* hybrid polling: a command usually completes within microseconds,
+     * sooner than this thread would be woken */
+    r = busy ? e->spin(e->ctx) : 0;
+    irq = e->irq_fd(e->ctx);
+    nvmefs_world_lane_release();
+    if (r)
+        return 0;
+    if (busy && irq >= 0) {
+        /* drain, then look once more: a completion posted after the look
+         * signals the eventfd again, so the poll below cannot miss it */
+        while (read(irq, &junk, sizeof junk) > 0)
+            ;
+        nvmefs_world_lane_acquire();
+        r = e->reap(e->ctx);
+        nvmefs_world_lane_release();
+        if (r)
+            return 0;
+        p[n].fd = irq;
+        p[n++].events = POLLIN;
+    }
+    if (want_fuse) {
+        p[n].fd = fuse_fd;
+        p[n++].events = POLLIN;
+    }
+    if (want_stop) {
+        p[n].fd = stop_fd;
+        p[n++].events = POLLIN;
+    }
+    if (busy && irq < 0) {
+        /* a polled queue: nothing signals its completions, watch it */
+        timeout_ms = 0;
+        sched_yield();
+    }
+    if (poll(p, n, timeout_ms) < 0 && errno != EINTR)
+        return -errno;
+    return 0;
+}
+
+static int engine_loop(struct fuse_session *se, struct nvmefs_lane_engine *e, int fd)
+{
+    void *cur = NULL, *mem;
+    int err = 0, taken;
+    ssize_t r;
+
+    nvmefs_world_lane_acquire();
+    e->bind(e->ctx, fd);
+    nvmefs_world_lane_release();
+    while (!atomic_load(&stopping)) {
+        nvmefs_world_lane_acquire();
+        e->reap(e->ctx);
+        if (cur == NULL)
+            cur = e->reserve(e->ctx);
+        nvmefs_world_lane_release();
+        if (cur == NULL) {
+            /* every buffer is in flight: only a completion frees one (and
+             * the kernel keeps the requests meanwhile) -- or a reset took
+             * them, and the next attach gives them back */
+            if ((err = engine_wait(e, fd, 0, 1, 10)) < 0)
+                break;
+            continue;
+        }
+        r = read(fd, cur, e->bufsize);
+        if (r < 0) {
+            if (errno == EAGAIN) {
+                if ((err = engine_wait(e, fd, 1, 1, -1)) < 0)
+                    break;
+                continue;
+            }
+            if (errno == EINTR || errno == ENOENT)     /* ENOENT: interrupted before we read it */
+                continue;
+            if (errno != ENODEV)
+                err = -errno;
+            else        /* unmounted: as libfuse's own receive does, or pyfuse3's workers never end */
+                fuse_session_exit(se);
+            break;
+        }
+        if ((size_t)r < sizeof(struct fuse_in_header)) {
+            err = -EIO;             /* libfuse's "short read on fuse device" */
+            break;
+        }
+        atomic_fetch_add(&st_received, 1);
+        const struct fuse_in_header *in = cur;
+        if (in->opcode == FUSE_READ || in->opcode == FUSE_WRITE || in->opcode == FUSE_INTERRUPT) {
+            nvmefs_world_lane_acquire();
+            taken = e->offer(e->ctx, cur, (size_t)r);
+            nvmefs_world_lane_release();
+            if (taken != NVMEFS_LANE_DECLINED) {
+                if (taken == NVMEFS_LANE_TAKEN)
+                    cur = NULL;
+                atomic_fetch_add(&st_answered, 1);
+                continue;
+            }
+            if (in->opcode != FUSE_INTERRUPT)
+                atomic_fetch_add(&st_declined, 1);
+        }
+        /* pyfuse3 frees what it is given: a copy, the buffer stays ours */
+        mem = malloc((size_t)r);
+        if (mem == NULL) {
+            if (in->opcode != FUSE_FORGET && in->opcode != FUSE_BATCH_FORGET)
+                answer_raw(fd, in->unique, ENOMEM);
+            continue;
+        }
+        memcpy(mem, cur, (size_t)r);
+        forward(fd, mem, (size_t)r);
+    }
+    /* The commands in flight still DMA into the buffers and their callers
+     * wait for the answers: wait for them, within a bound (a controller
+     * that stopped answering is the watchdog's business, and its thread
+     * is joining this one). */
+    struct timespec t0, now;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    for (;;) {
+        nvmefs_world_lane_acquire();
+        e->reap(e->ctx);
+        int busy = e->in_flight(e->ctx);
+        if (cur != NULL) {
+            e->unreserve(e->ctx, cur);
+            cur = NULL;
+        }
+        nvmefs_world_lane_release();
+        clock_gettime(CLOCK_MONOTONIC, &now);
+        if (!busy || now.tv_sec - t0.tv_sec >= 5)
+            break;
+        if (engine_wait(e, fd, 0, 0, 10) < 0)
+            break;
+    }
+    return err;
+}
+
 int nvmefs_lane_loop(void)
 {
     struct fuse_session *se = threaded_se;
@@ -332,6 +497,10 @@ int nvmefs_lane_loop(void)
     int fl = fcntl(p[0].fd, F_GETFL);
     if (fl < 0 || fcntl(p[0].fd, F_SETFL, fl | O_NONBLOCK) < 0)
         err = -errno;
+    if (err == 0 && engine != NULL) {
+        err = engine_loop(se, engine, p[0].fd);
+        goto done;
+    }
     tls_in_lane = 1;
     while (err == 0) {
         if (atomic_load(&stopping))
@@ -376,6 +545,7 @@ int nvmefs_lane_loop(void)
     }
     tls_in_lane = 0;
     free(fbuf.mem);
+done:
     /* end of file for pyfuse3's loop, once it has taken what is queued */
     close(fwd_pipe[1]);
     fwd_pipe[1] = -1;

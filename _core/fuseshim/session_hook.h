@@ -57,6 +57,11 @@ void nvmefs_lane_close(void);
 int nvmefs_lane_decline(void);
 /* received, answered in the thread, declined there, handed to pyfuse3 */
 void nvmefs_lane_stats(unsigned long *out);
+/* The lane engine (lane_engine.h) the thread drives instead of libfuse's
+ * dispatch for reads and writes; NULL for none.  Set before the session is
+ * created (its FUSE_INIT keeps max_write within the engine's buffers). */
+struct nvmefs_lane_engine;
+void nvmefs_lane_set_engine(struct nvmefs_lane_engine *e);
 void nvmefs_world_trio_acquire(void);
 void nvmefs_world_trio_release(void);
 void nvmefs_world_lane_acquire(void);
