@@ -273,6 +273,12 @@ def cmd_stats(args):
                 out.append(f"lane thread: {th['received']} requests read from /dev/fuse, {th['answered']} "
                            f"answered there, {th['to_pyfuse3']} handed to pyfuse3 "
                            f"({th['declined']} of them reads or writes the lane declined)")
+            en = la.get("engine")
+            if en:
+                out.append(f"lane engine: {en['reads']} reads and {en['writes']} writes answered on its own "
+                           f"queue ({en['commands']} commands, {en['split']} requests split), "
+                           f"{en['declined'] + en['range_busy']} declined, {en['handed_over']} handed to a "
+                           f"task, {en['in_flight']} in flight (at most {en['max_in_flight']})")
         if d["errors_by_status"]:
             out.append("errors by status: " + ", ".join(f"{k} {v}" for k, v in d["errors_by_status"].items()))
         return "\n".join(out)
@@ -382,6 +388,10 @@ def build_parser():
     p.add_argument("--no-lane-thread", action="store_true",
                    help="let pyfuse3's loop read /dev/fuse, with the direct lane inside its dispatch, "
                         "instead of a thread that answers reads and writes without trio scheduling")
+    p.add_argument("--no-lane-queue", action="store_true",
+                   help="have the lane thread run the direct lane on the shared I/O queues, one polled "
+                        "command at a time, instead of submitting every read and write it reads at once "
+                        "on an I/O queue of its own and answering them from C")
     p.add_argument("--page-cache", action="store_true",
                    help="let the kernel page cache serve reads (default: direct I/O)")
     p.add_argument("-b", "--background", action="store_true", help="run in the background once mounted")

@@ -19,7 +19,7 @@ import trio
 
 from nvmefs import _core
 from nvmefs.errors import ControllerError, NvmeError
-from nvmefs.namespace import IO_READ, IO_WRITE, ONCS_DSM, ONCS_WRITE_ZEROES
+from nvmefs.namespace import IO_READ, IO_WRITE, ONCS_DSM, ONCS_WRITE_ZEROES, _resubmit
 
 log = logging.getLogger("nvmefs.fuse")
 
@@ -85,6 +85,7 @@ class NvmeFS(pyfuse3.Operations):
         self.lane = {"read": 0, "write": 0, "queued": 0, "continued": 0}
         self.lane_on = False        # set by serve once libfuse calls the lane
         self.lane_thread = None     # fuseshim.LaneThread, when serve started one
+        self.engine = None          # _core.LaneEngine, when the lane thread drives one (start_engine)
         # what the lane needs to reach trio from the lane thread
         self.token = trio.lowlevel.current_trio_token()
         self.clock = trio.lowlevel.current_clock()
@@ -124,6 +125,8 @@ class NvmeFS(pyfuse3.Operations):
             e.st_blksize = ns.lba_size
             e.st_blocks = ns.size // 512
             t = self.mtime.get(inode, self.started)
+            if self.engine is not None:
+                t = max(t, self.engine.mtime_ns(ns.nsid))
         e.st_atime_ns = e.st_mtime_ns = e.st_ctime_ns = t
         return e
 
@@ -185,7 +188,9 @@ class NvmeFS(pyfuse3.Operations):
     def _lock(self, ns):
         lock = self.locks.get(ns.nsid)
         if lock is None:
-            lock = self.locks[ns.nsid] = RangeLock()
+            # room for every write the engine can have in flight: its side
+            # cannot grow the array (RangeSet)
+            lock = self.locks[ns.nsid] = RangeLock(64 + (self.engine.buffers if self.engine else 0))
         return lock
 
     def _io_error(self, ns, what, exc):
@@ -284,10 +289,11 @@ class NvmeFS(pyfuse3.Operations):
                                 pending=pending, cdw10=first & 0xFFFFFFFF, cdw11=first >> 32, cdw12=count - 1),
             release=lambda: lock.release(first, first + count))
 
-    async def _lane_finish(self, req, ns, what, answer, command, release=None):
+    async def _lane_finish(self, req, ns, what, answer, command, release=None, error=None):
         """Run ``command()`` and answer ``req`` exactly once: answer(req,
-        result), or the errno (EIO for a failed command, EINTR when the
-        shutdown cancelled it); ``release`` runs before the answer."""
+        result), or error(req, errno) (EIO for a failed command, EINTR when
+        the shutdown cancelled it; ``error`` defaults to
+        fuseshim.reply_err); ``release`` runs before the answer."""
         self.lane["continued"] += 1
         result, err = None, errno.EINTR
         try:
@@ -302,9 +308,100 @@ class NvmeFS(pyfuse3.Operations):
             if release is not None:
                 release()
             if err:
-                fuseshim.reply_err(req, err)
+                (error or fuseshim.reply_err)(req, err)
             else:
                 answer(req, result)
+
+    # -- the lane engine (_core/lane.pyx): the lane thread's own I/O queue -------
+    #
+    # With the lane thread, reads and writes need no Python at all: the
+    # engine reads them from /dev/fuse into DMA memory, submits them on the
+    # controller's lane queue and answers on /dev/fuse, in the lane thread.
+    # NvmeFS owns the queue for it (Controller.set_lane_owner): the hooks
+    # below hand every incarnation of it to the engine and take it back
+    # around resets.  What the engine cannot finish -- a failed command,
+    # commands a reset took -- comes back here and continues in a task on
+    # the general path, answered through the engine.
+
+    def start_engine(self, buffers=48):
+        """Create the engine and take the controller's lane queue for it;
+        False (and no engine) when the controller has none."""
+        self.engine = _core.LaneEngine(self.ctrl.transport.arena, self._engine_handoff, self._engine_wake,
+                                       buffers=buffers)
+        if not self.ctrl.set_lane_owner(self):
+            self.engine = None
+            return False
+        return True
+
+    def lane_attach(self, q):
+        self.engine.attach(q.qp, -1 if q.fd is None else q.fd, self.ctrl.max_transfer, q.spin_ns,
+                           [(nsid, ns.lba_size, ns.nlbas, self._lock(ns))
+                            for nsid, ns in self.ctrl.namespaces.items()])
+
+    def lane_detach(self):
+        self.engine.detach()
+
+    def lane_expired(self, timeout):
+        return self.engine.expired(timeout)
+
+    def lane_command_in_flight(self, cid):
+        return self.engine.command_in_flight(cid)
+
+    def _engine_handoff(self, job):
+        # GIL held, in the lane thread (or trio's, on detach): if trio is
+        # gone this raises, and the engine answers EIO itself
+        self.token.run_sync_soon(self._engine_spawn, job)
+
+    def _engine_wake(self, lock):
+        self.token.run_sync_soon(lock.wake)
+
+    def _engine_spawn(self, job):
+        try:
+            if self.nursery is None:
+                raise trio.RunFinishedError("the mount is shutting down")
+            self.nursery.start_soon(self._engine_task, *job)
+        except BaseException as exc:    # a run_sync_soon callback must not raise
+            opcode, unique, nsid, first, count = job[:5]
+            if opcode == _core.FUSE_OP_WRITE:
+                self.locks[nsid].release(first, first + count)
+            self.engine.reply_err(unique, errno.EINTR if isinstance(exc, trio.RunFinishedError) else errno.EIO)
+            if not isinstance(exc, trio.RunFinishedError):
+                log.error("lane engine: could not continue a request: %r", exc)
+
+    async def _engine_task(self, opcode, unique, nsid, first, count, skip, size, data, failed):
+        ns = self.ctrl.namespaces.get(nsid)
+        write = opcode == _core.FUSE_OP_WRITE
+        release = (lambda: self.locks[nsid].release(first, first + count)) if write else None
+        if ns is None:          # gone after a reset
+            if release is not None:
+                release()
+            self.engine.reply_err(unique, errno.EIO)
+            return
+
+        async def command():
+            if failed is not None:
+                # the engine's attempt was the first: the general path's
+                # rule decides whether another is worth making
+                status, qid, cid = failed
+                exc = self.ctrl.status_error(status, IO_WRITE if write else IO_READ, cid, qid, nsid, first)
+                if not _resubmit(exc):
+                    raise exc
+                ns.retried += 1
+                log.info("retrying after %s", exc)
+                await trio.sleep(0.002)
+            if write:
+                await ns.write(first, data)
+            else:
+                return await ns.read_window(first, count, skip, size)
+
+        bs = ns.lba_size
+        if write:
+            await self._lane_finish(unique, ns, f"write at {first * bs}+{size}",
+                                    lambda u, _: self.engine.reply_write(u, size), command, release,
+                                    error=self.engine.reply_err)
+        else:
+            await self._lane_finish(unique, ns, f"read at {first * bs + skip}+{size}", self.engine.reply_data,
+                                    command, error=self.engine.reply_err)
 
     # -- fallocate: reached through nvmefs._fuseshim (pyfuse3 has no handler) --
 
@@ -433,7 +530,8 @@ class NvmeFS(pyfuse3.Operations):
             st["fuse_errors"] = self.errors
             st["fallocate"] = dict(self.fallocates, hooked=fuseshim.sessions_hooked() > 0)
             st["direct_lane"] = dict(self.lane, on=self.lane_on,
-                                     thread=fuseshim.lane_thread_stats() if self.lane_thread else None)
+                                     thread=fuseshim.lane_thread_stats() if self.lane_thread else None,
+                                     engine=self.engine.stats() if self.engine else None)
             st["namespaces"] = {self._name(n).decode(): {"lba_size": ns.lba_size, "size": ns.size,
                                                          "retried": ns.retried}
                                 for n, ns in self.ctrl.namespaces.items()}

@@ -80,27 +80,40 @@ async def serve(args, transport, ready_fd=None):
     from nvmefs.controller import open_controller
     from nvmefs.fusefs import NvmeFS
 
+    threaded = not args.no_direct_lane and not args.no_lane_thread
+    lane_queue = threaded and not args.no_lane_queue
     async with open_controller(transport, io_queues=args.queues, queue_entries=args.queue_depth + 1,
-                               polled=args.polled, spin_us=args.spin_us) as ctrl:
+                               polled=args.polled, spin_us=args.spin_us, lane_queue=lane_queue) as ctrl:
         fs = NvmeFS(ctrl, direct_io=not args.page_cache)
+        if lane_queue and not fs.start_engine():
+            log.info("the controller granted no I/O queue for the lane thread: it runs the direct lane "
+                     "on the shared queues")
         options = set(pyfuse3.default_options)
         options |= {"fsname=nvmefs", "subtype=nvmefs"}
         if os.getuid() == 0:
             options.add("allow_other")
         fuseshim.set_fallocate_handler(fs.fallocate_request)
-        if not args.no_direct_lane:
+        # with the engine, what it declines goes straight to pyfuse3's
+        # handlers: DirectLane would decline it too
+        if not args.no_direct_lane and fs.engine is None:
             fuseshim.set_lane(fs.lane_read, fs.lane_write)
         hooked, laned = fuseshim.sessions_hooked(), fuseshim.lane_sessions()
-        fuseshim.arm_lane_thread(not args.no_direct_lane and not args.no_lane_thread)
+        fuseshim.arm_lane_thread(threaded)
+        fuseshim.set_engine(fs.engine)
         try:
             pyfuse3.init(fs, args.mountpoint, options)
         except BaseException:
             fuseshim.lane_close()       # the session may exist, its pipe does
+            fuseshim.set_engine(None)
             raise
         finally:
             fuseshim.arm_lane_thread(False)
         if fuseshim.lane_threaded():
             fs.lane_thread = fuseshim.LaneThread()
+        elif fs.engine is not None:
+            # the session did not get the thread: nothing drives the engine
+            fuseshim.set_engine(None)
+            fuseshim.set_lane(fs.lane_read, fs.lane_write)
         if fuseshim.sessions_hooked() == hooked:
             log.warning("fallocate is not available on this mount (EOPNOTSUPP), nor the direct lane: "
                         "the nvmefs._fuseshim hook did not reach libfuse's fuse_session_new (not built, "
@@ -142,6 +155,7 @@ async def serve(args, transport, ready_fd=None):
                 fs.lane_thread.stop()
             pyfuse3.close(unmount=not state["unmounted"])
             fuseshim.lane_close()
+            fuseshim.set_engine(None)
             fuseshim.set_fallocate_handler(None)
             fuseshim.set_lane(None, None)
     if state.get("failed"):

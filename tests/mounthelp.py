@@ -57,5 +57,10 @@ def mounted(mnt, image, *extra, env=None):
     try:
         wait_for_mount(proc, mnt)
         yield proc
-    finally:
+    except BaseException:
         stop(proc, mnt)
+        raise
+    # a daemon that does not end by itself once unmounted (stop() kills it
+    # after a minute) is a bug, whatever the test checked before
+    rc = stop(proc, mnt)
+    assert rc == 0, f"nvmefs exited with {rc} after fusermount3 -u:\n{proc.stderr.read()}"

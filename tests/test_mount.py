@@ -64,17 +64,20 @@ def test_files_sizes_and_dd_roundtrip(paths, tmp_path):
                 f.truncate(16 * MiB)
 
 
-LANE_MODES = {"lane-thread": [], "lane-in-pyfuse3": ["--no-lane-thread"], "no-direct-lane": ["--no-direct-lane"]}
+LANE_MODES = {"lane-engine": [], "lane-thread": ["--no-lane-queue"], "lane-in-pyfuse3": ["--no-lane-thread"],
+              "no-direct-lane": ["--no-direct-lane"]}
 
 
 @pytest.mark.parametrize("mode", LANE_MODES)
 def test_direct_lane_serves_aligned_io_and_can_be_turned_off(paths, tmp_path, mode):
-    """O_DIRECT LBA-aligned reads and writes are answered inside libfuse's
-    dispatch (the direct lane), by default in the lane thread that reads
-    /dev/fuse; everything else, and everything with --no-direct-lane, goes
-    through pyfuse3's handlers; the bytes are the same either way."""
+    """O_DIRECT LBA-aligned reads and writes are answered by the lane
+    thread that reads /dev/fuse: by default through the lane engine on its
+    own queue, with --no-lane-queue through the direct lane inside libfuse's
+    dispatch, as also with --no-lane-thread in pyfuse3's loop; everything
+    else, and everything with --no-direct-lane, goes through pyfuse3's
+    handlers; the bytes are the same either way."""
     mnt, img = paths
-    lane = mode != "no-direct-lane"
+    lane = mode in ("lane-thread", "lane-in-pyfuse3")
     with mounted(mnt, img, "--size", "64M", "--lba-size", "4096", *LANE_MODES[mode]):
         dev = os.path.join(mnt, "nvme0n1")
         src = tmp_path / "src"
@@ -99,17 +102,30 @@ def test_direct_lane_serves_aligned_io_and_can_be_turned_off(paths, tmp_path, mo
         with open(dev, "rb", buffering=0) as f:
             f.seek(4096 * 3 + 100)
             assert f.read(5000) == want[4096 * 3 + 100:4096 * 3 + 5100]
-        st = json.loads(os.getxattr(mnt, "user.nvmefs.stats"))["direct_lane"]
+        stats = json.loads(os.getxattr(mnt, "user.nvmefs.stats"))
+        st = stats["direct_lane"]
+        eng = st.pop("engine")
+        if mode == "lane-engine":
+            # 1024 + 8 writes and 1024 + 8 + 1 reads, every one submitted as
+            # read; only the unaligned write was declined (to pyfuse3)
+            assert eng["writes"] >= 1032 and eng["reads"] >= 1033 and eng["declined"] >= 1, eng
+            assert eng["handed_over"] == 0 and eng["in_flight"] == 0, eng
+            assert eng["bytes_written"] == 4 * MiB + 2 * MiB, eng
+            lane_q = [q for q in stats["queues"] if q.get("lane")]
+            assert len(lane_q) == 1 and lane_q[0]["completed"] == eng["commands"], stats["queues"]
+            assert st["read"] + st["write"] + st["continued"] == 0, st     # DirectLane is off
+        else:
+            assert eng is None
         if lane:
             # each of the 2049 aligned requests found an idle queue (dd is QD1):
             # answered inline, or continued in a task when the poll gave up
             # (how many of each depends on how loaded the host is)
             assert st["on"] and st["read"] + st["write"] + st["continued"] >= 2049, st
             assert st["queued"] >= 16 and st["continued"] >= st["queued"], st
-        else:
+        elif mode == "no-direct-lane":
             assert st == {"read": 0, "write": 0, "queued": 0, "continued": 0, "on": False, "thread": None}
         th = st["thread"]
-        if mode == "lane-thread":
+        if mode in ("lane-thread", "lane-engine"):
             # every request was read by the thread: answered there or handed
             # on (lookups, opens, the unaligned write the lane declined, ...)
             # (give or take an asynchronous RELEASE read but not yet handed on)
@@ -119,7 +135,8 @@ def test_direct_lane_serves_aligned_io_and_can_be_turned_off(paths, tmp_path, mo
             assert th is None
         r = run_cli("stats", mnt)
         assert r.returncode == 0 and "direct lane:" in r.stdout
-        assert ("lane thread:" in r.stdout) == (mode == "lane-thread")
+        assert ("lane thread:" in r.stdout) == (mode in ("lane-thread", "lane-engine"))
+        assert ("lane engine:" in r.stdout) == (mode == "lane-engine")
 
 
 def test_fio_verify(paths):
@@ -285,14 +302,14 @@ def test_fsync_survives_kill_9(paths):
             assert f.read(MiB) == data
 
 
-@pytest.mark.parametrize("reader", ["lane-thread", "pyfuse3-loop"])
+@pytest.mark.parametrize("reader", ["lane-engine", "lane-thread", "pyfuse3-loop"])
 @pytest.mark.parametrize("how", ["SIGINT", "SIGTERM", "fusermount"])
 def test_clean_exit_on_signal_or_unmount(paths, how, reader):
     """Whoever reads /dev/fuse: the lane thread has to stop (signals) or
     notice the unmount and end pyfuse3's loop with it (fusermount)."""
     mnt, img = paths
     os.makedirs(mnt)
-    extra = ["--no-lane-thread"] if reader == "pyfuse3-loop" else []
+    extra = {"lane-engine": [], "lane-thread": ["--no-lane-queue"], "pyfuse3-loop": ["--no-lane-thread"]}[reader]
     proc = subprocess.Popen(nvmefs_cmd("mount", mnt, "--image", img, "--size", "16M", *extra),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
