@@ -152,6 +152,10 @@ def test_fio_verify(paths):
         for job in res["jobs"]:
             assert job["error"] == 0
             assert job["write"]["io_bytes"] > 0
+        # the lane engine had the requests of both jobs at the controller
+        # together, not one at a time, and answered every one of them itself
+        eng = json.loads(os.getxattr(mnt, "user.nvmefs.stats"))["direct_lane"]["engine"]
+        assert eng["max_in_flight"] >= 8 and eng["handed_over"] == 0 and eng["in_flight"] == 0, eng
 
 
 def test_page_cache_mode_is_coherent(paths, tmp_path):
