@@ -73,6 +73,7 @@ cdef extern from "lane_engine.h" nogil:
     struct nvmefs_lane_engine:
         void *ctx
         size_t bufsize
+        unsigned max_background
         void *(*reserve)(void *ctx) noexcept nogil
         void (*unreserve)(void *ctx, void *buf) noexcept nogil
         int (*offer)(void *ctx, void *buf, size_t len) noexcept nogil
@@ -239,6 +240,7 @@ cdef class LaneEngine:
         self.ns_objs = {}
         self.api.ctx = <void *>self
         self.api.bufsize = bufsize
+        self.api.max_background = buffers - 1 if buffers > 1 else 1
         self.api.reserve = lane_reserve
         self.api.unreserve = lane_unreserve
         self.api.offer = lane_offer

@@ -232,6 +232,11 @@ static void lane_init(void *userdata, struct fuse_conn_info *conn)
      * the 4 KiB of header room is libfuse's FUSE_BUFFER_HEADER_SIZE */
     if (engine != NULL && conn->max_write > engine->bufsize - 4096)
         conn->max_write = engine->bufsize - 4096;
+    /* the kernel's default of 12 background requests held QD32 libaio
+     * below what the engine serves (A/B, 4 KiB randread QD32: 106-134k
+     * IOPS at 12, 138-176k at 47) */
+    if (engine != NULL)
+        conn->max_background = engine->max_background;
 }
 
 static int lane_open(struct fuse_session *se)

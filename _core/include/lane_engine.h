@@ -19,6 +19,10 @@ struct nvmefs_lane_engine {
     /* every receive buffer holds this much: the kernel's largest request
      * (max_write plus headers; the shim's FUSE_INIT keeps max_write within) */
     size_t bufsize;
+    /* how many requests the kernel may have outstanding in the background
+     * (async reads and writes: libaio, readahead, writeback); one fewer
+     * than the buffers, so that one is free to read the next request */
+    unsigned max_background;
     /* a receive buffer (DMA memory) for the next read of /dev/fuse, or NULL
      * while every one is in flight */
     void *(*reserve)(void *ctx);
