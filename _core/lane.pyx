@@ -89,6 +89,11 @@ FUSE_OP_WRITE = FUSE_WRITE
 LANE_DECLINED = NVMEFS_LANE_DECLINED
 LANE_TAKEN = NVMEFS_LANE_TAKEN
 LANE_ANSWERED = NVMEFS_LANE_ANSWERED
+# receive buffers: enough for QD32 with a few to spare, each the largest
+# request libfuse negotiates (max_write 1 MiB: FUSE_MAX_MAX_PAGES pages,
+# plus its 4 KiB of header room)
+LANE_BUFFERS = 48
+LANE_BUFSIZE = (1 << 20) + 4096
 
 cdef enum:
     LANE_MAX_NSID = 1024        # Identify CNS 02h lists at most 1024 namespaces
@@ -161,7 +166,7 @@ cdef inline uint64_t lane_wall_ns() noexcept nogil:
 
 
 cdef class LaneEngine:
-    """``LaneEngine(arena, handoff, wake, buffers=48, bufsize=1 MiB + 4 KiB)``.
+    """``LaneEngine(arena, handoff, wake, buffers=LANE_BUFFERS, bufsize=LANE_BUFSIZE)``.
 
     ``handoff(job)`` is called (GIL held, in whichever thread the engine
     runs) with a request the engine cannot finish: ``(opcode, unique, nsid,
@@ -202,8 +207,8 @@ cdef class LaneEngine:
     cdef uint64_t bytes_read, bytes_written
     cdef uint32_t max_active
 
-    def __cinit__(self, DmaArena arena not None, handoff, wake, *, uint32_t buffers=48,
-                  size_t bufsize=(1 << 20) + 4096):
+    def __cinit__(self, DmaArena arena not None, handoff, wake, *, uint32_t buffers=LANE_BUFFERS,
+                  size_t bufsize=LANE_BUFSIZE):
         cdef uint32_t i
         self.reqs = NULL
         self.free_idx = NULL

@@ -323,7 +323,7 @@ class NvmeFS(pyfuse3.Operations):
     # commands a reset took -- comes back here and continues in a task on
     # the general path, answered through the engine.
 
-    def start_engine(self, buffers=48):
+    def start_engine(self, buffers=_core.LANE_BUFFERS):
         """Create the engine and take the controller's lane queue for it;
         False (and no engine) when the controller has none."""
         self.engine = _core.LaneEngine(self.ctrl.transport.arena, self._engine_handoff, self._engine_wake,

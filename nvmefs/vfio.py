@@ -96,10 +96,15 @@ def find_nvme_functions(sysfs="/sys"):
     return sorted(out)
 
 
-def arena_for(io_queues, bounce_bytes=16 << 20):
+def arena_for(io_queues, bounce_bytes=16 << 20, lane=True):
     """DMA memory a controller with ``io_queues`` queues needs: each queue's
-    bounce pool, plus rings and per-command list pages (a few MiB a queue)."""
-    return (io_queues + 1) * (bounce_bytes + (8 << 20)) + (32 << 20)
+    bounce pool, plus rings and per-command list pages (a few MiB a queue),
+    and for the mount's lane queue (``lane``) its rings and the lane
+    engine's receive buffers."""
+    size = (io_queues + 1) * (bounce_bytes + (8 << 20)) + (32 << 20)
+    if lane:
+        size += (8 << 20) + _core.LANE_BUFFERS * (_core.LANE_BUFSIZE + 4096)
+    return size
 
 
 def run_mount_device(args):
@@ -111,7 +116,9 @@ def run_mount_device(args):
     if args.background and not args.ready_fd:
         return spawn_background(args)
     try:
-        transport = open_transport(args.device, arena_size=arena_for(args.queues or usable_cpus()))
+        # pinned memory: the lane engine's buffers only when it will run
+        lane = not (args.no_direct_lane or args.no_lane_thread or args.no_lane_queue)
+        transport = open_transport(args.device, arena_size=arena_for(args.queues or usable_cpus(), lane=lane))
     except (OSError, ValueError) as exc:
         raise UsageError(f"cannot open device {args.device}: {exc}") from None
     return serve_transport(args, transport)

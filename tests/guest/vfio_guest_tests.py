@@ -327,6 +327,16 @@ def test_mount_over_vfio_and_fio_verify(bdf, tmp_path):
                               "--verify=crc32c", "--do_verify=1", "--randrepeat=0",
                               "--output-format=terse"], capture_output=True, text=True, timeout=120)
         assert fio.returncode == 0, fio.stdout + fio.stderr
+        # several requests in flight at once, up to 1 MiB: the lane engine's
+        # zero-copy writes (PRP1 inside the request) on QEMU's controller
+        fio = subprocess.run(["fio", "--name=q", f"--filename={mnt / 'nvme0n1'}", "--rw=randwrite",
+                              "--bsrange=4k-1M", "--size=8M", "--offset=4M", "--direct=1", "--ioengine=libaio",
+                              "--iodepth=8", "--verify=crc32c", "--do_verify=1", "--verify_fatal=1",
+                              "--randrepeat=0", "--output-format=terse"],
+                             capture_output=True, text=True, timeout=300)
+        assert fio.returncode == 0, fio.stdout + fio.stderr
+        eng = json.loads(os.getxattr(mnt, "user.nvmefs.stats"))["direct_lane"]["engine"]
+        assert eng["writes"] >= 512 and eng["max_in_flight"] >= 2 and eng["handed_over"] == 0, eng
         # fallocate on QEMU's controller: punch hole (Write Zeroes with DEAC)
         # and zero range, unaligned edges read-modify-written, 4 KiB LBAs
         import ctypes
