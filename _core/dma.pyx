@@ -32,6 +32,10 @@ cdef class DmaArena:
     cdef readonly uint64_t frees
     cdef readonly uint64_t pages_in_use
     cdef readonly uint64_t peak_pages
+    # pages at and above this index were never handed out: still the zero
+    # pages mmap gave, untouched (alloc() need not clear them, and does not
+    # make them resident)
+    cdef size_t fresh_from
 
     def __cinit__(self, size_t size, size_t page_size=4096, uint64_t iova_base=ARENA_DEFAULT_IOVA):
         self.base = NULL
@@ -99,6 +103,11 @@ cdef class DmaArena:
                     self.peak_pages = self.pages_in_use
                 iova[0] = self.iova_base + (<uint64_t>start << self.page_shift)
                 vaddr[0] = self.base + (start << self.page_shift)
+                if start < self.fresh_from:
+                    # partly (or wholly) reused: clear what earlier owners wrote
+                    memset(vaddr[0], 0, (min(start + n, self.fresh_from) - start) << self.page_shift)
+                if start + n > self.fresh_from:
+                    self.fresh_from = start + n
                 return 0
         return -ENOMEM
 
@@ -133,7 +142,10 @@ cdef class DmaArena:
         return self.iova_base + <uint64_t>(<const uint8_t *>p - self.base)
 
     def alloc(self, size_t nbytes):
-        """A page-aligned zeroed buffer of at least ``nbytes`` (a DmaBuffer)."""
+        """A page-aligned zeroed buffer of at least ``nbytes`` (a DmaBuffer).
+        Pages never handed out before are not touched: a large buffer costs
+        resident memory only where it is used (the lane engine's receive
+        buffers, the bounce pools)."""
         cdef uint64_t iova
         cdef uint8_t *vaddr
         cdef size_t n = (nbytes + self.page_size - 1) >> self.page_shift
@@ -142,7 +154,6 @@ cdef class DmaArena:
         if self.alloc_pages(n, &iova, &vaddr) < 0:
             raise MemoryError(f"DMA arena exhausted: {n} pages wanted, "
                               f"{self.npages - self.pages_in_use} of {self.npages} free")
-        memset(vaddr, 0, n << self.page_shift)
         return DmaBuffer.new(self, iova, vaddr, n << self.page_shift)
 
     def read(self, uint64_t iova, size_t length):
