@@ -265,9 +265,10 @@ def cmd_stats(args):
                        f"{fa['refused']} refused" + ("" if fa["hooked"] else " (not available on this mount)"))
         la = d.get("direct_lane")
         if la:
-            out.append(f"direct lane: {la['read']} reads and {la['write']} writes answered inline, "
-                       f"{la['continued']} continued in a task ({la.get('queued', 0)} of them queued "
-                       f"without polling)" + ("" if la["on"] else " (off on this mount)"))
+            if not la.get("engine"):        # with the engine, DirectLane does not run
+                out.append(f"direct lane: {la['read']} reads and {la['write']} writes answered inline, "
+                           f"{la['continued']} continued in a task ({la.get('queued', 0)} of them queued "
+                           f"without polling)" + ("" if la["on"] else " (off on this mount)"))
             th = la.get("thread")
             if th:
                 out.append(f"lane thread: {th['received']} requests read from /dev/fuse, {th['answered']} "
