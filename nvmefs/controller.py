@@ -149,10 +149,7 @@ class Controller:
             raise ControllerError(f"{t.name}: controller does not support the NVM command set")
         if (cap >> 48) & 0xF:
             raise ControllerError(f"{t.name}: controller's minimum page size is above 4 KiB")
-        cc = t.read32(REG_CC)
-        if cc & CC_EN:
-            t.write32(REG_CC, cc & ~CC_EN)
-        await self._wait_csts(0, "become disabled")
+        await self._disable()
         entries = min(self.admin_entries, self.mqes + 1, 4096)
         self.admin_q = IoQueue(t, 0, entries, max_transfer=64 << 10, sgls=0, polled=self.polled)
         t.write32(REG_AQA, (entries - 1) | ((entries - 1) << 16))
@@ -241,6 +238,12 @@ class Controller:
 
     def _all_queues(self):
         return [self.admin_q] + self.io_qs + ([self.lane_q] if self.lane_q is not None else [])
+
+    async def _disable(self):
+        cc = self.transport.read32(REG_CC)
+        if cc & CC_EN:
+            self.transport.write32(REG_CC, cc & ~CC_EN)
+        await self._wait_csts(0, "become disabled")
 
     async def _setup_dbbuf(self):
         """Doorbell Buffer Config: I/O queues publish tails and heads in a
@@ -447,15 +450,26 @@ class Controller:
                 log.warning("%s: resetting controller (%s)", self.transport.name, reason)
                 self.ready = trio.Event()
                 exc = ControllerReset(reason)
-                self._lane_detach()
-                old = self._all_queues()
-                for q in old:
-                    q.fail_all(exc)
-                for q in old:
-                    if q.cancel_scope is not None:
-                        await q.finished.wait()
-                    q.close()
                 try:
+                    # Quiesced first (Linux's nvme_reset_work disables before
+                    # it cancels anything): until CSTS.RDY=0 a slow, not
+                    # dead, controller may still write into the CQs, bounce
+                    # chunks and lane buffers that are failed, freed and
+                    # reused below.
+                    try:
+                        await self._disable()
+                    except ControllerError as err:
+                        # it will not even stop: tear down regardless (the
+                        # bring-up tries again, and fails the controller)
+                        log.error("%s", err)
+                    self._lane_detach()
+                    old = self._all_queues()
+                    for q in old:
+                        q.fail_all(exc)
+                    for q in old:
+                        if q.cancel_scope is not None:
+                            await q.finished.wait()
+                        q.close()
                     await self._bring_up()
                 except BaseException as err:
                     # whatever stopped the bring-up, waiters must see a closed

@@ -447,6 +447,36 @@ async def test_reset_completes_every_command_in_flight(make_transport):
         assert c.resets == 1
 
 
+async def test_reset_disables_the_controller_before_it_fails_and_frees_anything(make_transport, monkeypatch):
+    """A timed-out controller may still be working: until CC.EN=0 is
+    acknowledged (CSTS.RDY=0) it may write completions into the CQs and
+    read data into the bounce chunks or the lane engine's buffers, so none
+    of that memory may go back to the arena, nor any waiter be failed
+    (and resubmit elsewhere), before then -- as Linux's nvme_reset_work
+    disables first.  Each queue records CSTS.RDY when it is torn down."""
+    from nvmefs.queue import IoQueue
+    t = make_transport()
+    seen = []
+    fail_all, close = IoQueue.fail_all, IoQueue.close
+
+    def record(what, real):
+        def wrapped(q, *args):
+            seen.append((what, q.qid, t.read32(REG_CSTS) & 1))
+            return real(q, *args)
+        return wrapped
+    monkeypatch.setattr(IoQueue, "fail_all", record("fail", fail_all))
+    monkeypatch.setattr(IoQueue, "close", record("close", close))
+    async with open_controller(t, io_queues=2, lane_queue=True) as c:
+        await c.namespaces[1].write(0, b"\x01" * 512)
+        await c.reset("test")
+        torn = [s for s in seen if s[1] is not None]
+        assert {q for _, q, _ in torn} == {0, 1, 2, 3}, torn         # admin, two trio queues, the lane's
+        assert all(rdy == 0 for _, _, rdy in torn), torn
+        seen.clear()
+        await c.namespaces[1].write(0, b"\x02" * 512)              # and it works again
+        assert bytes(await c.namespaces[1].read(0, 1)) == b"\x02" * 512
+
+
 async def test_failed_reset_fails_io_instead_of_hanging(make_transport):
     from nvmefs.errors import ControllerError
     t = make_transport()
