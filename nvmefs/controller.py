@@ -221,13 +221,18 @@ class Controller:
         self.ready.set()
 
     def set_lane_owner(self, owner):
-        """Hand the lane queue (lane_queue=True) to ``owner``: see __init__.
-        False when the controller granted no queue for it."""
+        """Hand the lane queue (lane_queue=True) to ``owner`` (see
+        __init__), or take it back (None).  False when the controller
+        granted no queue for it: nobody owns it then."""
+        if owner is None:
+            self._lane_detach()
+            self.lane_owner = None
+            return True
         if self.lane_owner is not None:
             raise RuntimeError("the lane queue already has an owner")
-        self.lane_owner = owner
         if self.lane_q is None:
             return False
+        self.lane_owner = owner
         if self.ready.is_set():
             owner.lane_attach(self.lane_q)
         return True
@@ -406,6 +411,8 @@ class Controller:
     async def _on_timeout(self, q, slot):
         gen = self.generation
         if not self.ready.is_set():
+            if q.lane:
+                return      # a reset is under way: its detach hands the request over
             # during bring-up there is nothing to reset to: give up clearly
             q.fail_slot(slot, ControllerError(
                 f"{self.transport.name}: controller stopped answering "
@@ -451,18 +458,20 @@ class Controller:
                 self.ready = trio.Event()
                 exc = ControllerReset(reason)
                 try:
+                    # no new lane commands while the controller is disabled
+                    # (its buffers are reused only once the bring-up made a
+                    # new lane queue, after the disable)
+                    self._lane_detach()
                     # Quiesced first (Linux's nvme_reset_work disables before
                     # it cancels anything): until CSTS.RDY=0 a slow, not
-                    # dead, controller may still write into the CQs, bounce
-                    # chunks and lane buffers that are failed, freed and
-                    # reused below.
+                    # dead, controller may still write into the CQs and
+                    # bounce chunks that are failed, freed and reused below.
                     try:
                         await self._disable()
                     except ControllerError as err:
                         # it will not even stop: tear down regardless (the
                         # bring-up tries again, and fails the controller)
                         log.error("%s", err)
-                    self._lane_detach()
                     old = self._all_queues()
                     for q in old:
                         q.fail_all(exc)

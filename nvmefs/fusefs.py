@@ -333,6 +333,11 @@ class NvmeFS(pyfuse3.Operations):
             return False
         return True
 
+    def drop_engine(self):
+        """The lane thread did not start after all: give the queue back."""
+        self.ctrl.set_lane_owner(None)
+        self.engine = None
+
     def lane_attach(self, q):
         self.engine.attach(q.qp, -1 if q.fd is None else q.fd, self.ctrl.max_transfer, q.spin_ns,
                            [(nsid, ns.lba_size, ns.nlbas, self._lock(ns))

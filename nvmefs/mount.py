@@ -113,6 +113,7 @@ async def serve(args, transport, ready_fd=None):
         elif fs.engine is not None:
             # the session did not get the thread: nothing drives the engine
             fuseshim.set_engine(None)
+            fs.drop_engine()
             fuseshim.set_lane(fs.lane_read, fs.lane_write)
         if fuseshim.sessions_hooked() == hooked:
             log.warning("fallocate is not available on this mount (EOPNOTSUPP), nor the direct lane: "
@@ -138,14 +139,16 @@ async def serve(args, transport, ready_fd=None):
                 if fs.lane_thread is not None:
                     fs.lane_thread.start()
                 await _serve_until_unmounted(state, requests.cancel_scope)
-                fs.nursery = None
                 if fs.lane_thread is not None:
                     # before the drain and the controller's shutdown: from
-                    # here on nothing reads /dev/fuse until the unmount
+                    # here on nothing reads /dev/fuse until the unmount.
+                    # The nursery still takes the tasks its last answers
+                    # may need (a failed command's retry).
                     fs.lane_thread.stop()
                     if fs.lane_thread.result:
                         state["unmounted"] = False      # it failed; the kernel still has us
                         state["failed"] = f"the lane thread failed: {fs.lane_thread.result!r}"
+                fs.nursery = None
                 with trio.move_on_after(60):
                     while requests.child_tasks:
                         await trio.sleep(0.01)

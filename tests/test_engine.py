@@ -335,3 +335,29 @@ async def test_a_handover_trio_cannot_take_is_answered_eio_and_releases_the_rang
         assert fs.engine.offer_request(write_req(1, fh, 0, bytes(4096))) == TAKEN
         assert (await fuse.wait(1))[0] == (errno.EIO, b"")
         assert fs._lock(ns).held == []
+
+
+async def test_a_lane_timeout_that_finds_a_reset_under_way_leaves_it_to_the_reset():
+    """The watchdog reported a lane command, and by the time its timeout
+    task runs a reset has begun: the reset's detach hands the request over,
+    the task must not treat the command as a bring-up failure (it crashed
+    the controller's nursery)."""
+    from nvmefs.controller import _LaneCommand
+    async with engine_fs() as (c, ns, fs, fuse, fh):
+        c.transport.model.inject(0x02, action="delay", delay_ms=100)
+        assert fs.engine.offer_request(read_req(1, fh, 0, 4096)) == TAKEN
+        [(cid, opcode)] = fs.engine.expired(0)         # as the watchdog sees it
+        ready, c.ready = c.ready, trio.Event()
+        await c._on_timeout(c.lane_q, _LaneCommand(fs, cid, opcode))
+        c.ready = ready
+        assert (await fuse.wait(1))[0] == (0, bytes(4096))
+
+
+async def test_no_lane_queue_means_no_owner():
+    t = ModelTransport(namespaces=((16 * MiB, 4096),), arena_size=256 * MiB)
+    try:
+        async with open_controller(t, io_queues=1) as c:        # lane_queue not asked for
+            fs = NvmeFS(c)
+            assert not fs.start_engine() and fs.engine is None and c.lane_owner is None
+    finally:
+        t.close()
