@@ -119,7 +119,6 @@ cdef struct lane_req:
     uint64_t iova
     uint64_t first              # LBA
     uint64_t count              # LBAs
-    uint64_t start_ns
     uint32_t skip               # read: the window's offset in the data; write: the data's offset in buf
     uint32_t size               # bytes answered (read) or written (write)
     uint32_t nsid
@@ -131,7 +130,6 @@ cdef struct lane_req:
     uint8_t opcode              # FUSE_READ or FUSE_WRITE
     uint8_t state
     uint8_t broken              # a piece could not be built: the general path redoes the request
-    uint8_t reported            # the watchdog knows it timed out
 
 
 cdef void *lane_reserve(void *ctx) noexcept nogil:
@@ -201,6 +199,8 @@ cdef class LaneEngine:
     cdef readonly uint32_t active
     cdef object handoff
     cdef object wake
+    cdef object handed          # uniques handed to a task and not yet answered (reply_*)
+    cdef uint32_t n_handed_open
     # counters (stats)
     cdef uint64_t n_reads, n_writes, n_empty, n_commands, n_split, n_declined, n_range_busy
     cdef uint64_t n_interrupts, n_handed, n_lost, n_buffer_waits, n_sq_waits, n_spun, n_reply_errors
@@ -243,6 +243,7 @@ cdef class LaneEngine:
             self.free_idx[i] = buffers - 1 - i
         self.nfree = buffers
         self.ns_objs = {}
+        self.handed = set()
         self.api.ctx = <void *>self
         self.api.bufsize = bufsize
         self.api.max_background = buffers - 1 if buffers > 1 else 1
@@ -314,10 +315,12 @@ cdef class LaneEngine:
     cdef int offer(self, uint8_t *buf, size_t n) noexcept nogil:
         cdef fuse_in_header *h = <fuse_in_header *>buf
         cdef int i = self.index_of(buf)
-        if i < 0 or self.reqs[i].state != REQ_RESERVED or n < sizeof(fuse_in_header) or h.len != n:
+        if n < sizeof(fuse_in_header) or h.len != n:
             return NVMEFS_LANE_DECLINED
-        if h.opcode == FUSE_INTERRUPT:
+        if h.opcode == FUSE_INTERRUPT:     # read into any buffer (the spare too)
             return self.interrupt(buf, n)
+        if i < 0 or self.reqs[i].state != REQ_RESERVED:
+            return NVMEFS_LANE_DECLINED     # not one of ours: the lane thread's spare buffer
         if not self.attached:
             return NVMEFS_LANE_DECLINED     # a reset is under way: pyfuse3's handlers wait for it
         if h.opcode == FUSE_READ:
@@ -333,18 +336,27 @@ cdef class LaneEngine:
         return &self.ns[fh - 1]
 
     cdef int interrupt(self, uint8_t *buf, size_t n) noexcept nogil:
-        """FUSE_INTERRUPT of a request in flight here: it completes within
-        the command's time anyway, and an interrupt needs no answer.  Any
-        other goes to libfuse, which knows pyfuse3's requests."""
+        """FUSE_INTERRUPT of a request in flight here or handed to a task:
+        it completes within the command's time anyway, and an interrupt
+        needs no answer.  Any other goes to libfuse, which knows pyfuse3's
+        requests (given one it does not know, libfuse would answer EAGAIN
+        and the kernel send it again, until the request is answered)."""
         cdef uint64_t target
         cdef uint32_t i
+        cdef bint found = False
         if n < sizeof(fuse_in_header) + sizeof(fuse_interrupt_in):
             return NVMEFS_LANE_DECLINED
         target = (<fuse_interrupt_in *>(buf + sizeof(fuse_in_header))).unique
         for i in range(self.buffers):
             if self.reqs[i].state == REQ_ACTIVE and self.reqs[i].unique == target:
-                self.n_interrupts += 1
-                return NVMEFS_LANE_ANSWERED
+                found = True
+                break
+        if not found and self.n_handed_open:
+            with gil:
+                found = target in self.handed
+        if found:
+            self.n_interrupts += 1
+            return NVMEFS_LANE_ANSWERED
         return NVMEFS_LANE_DECLINED
 
     cdef int take_read(self, uint32_t i, uint8_t *buf, size_t n) noexcept nogil:
@@ -406,9 +418,12 @@ cdef class LaneEngine:
         # held until the write ends: a read-modify-write, a fallocate or
         # another write there waits, as for any write (fusefs.RangeLock)
         rc = (<RangeSet>ns.ranges).add(first, first + count)
-        if rc < 0:
+        if rc == -EBUSY:
             # overlapping one in flight: pyfuse3's write() queues behind it
             self.n_range_busy += 1
+            return NVMEFS_LANE_DECLINED
+        if rc < 0:
+            self.n_declined += 1        # no room left in the set: only trio's side grows it
             return NVMEFS_LANE_DECLINED
         self.start(i, FUSE_WRITE, h.unique, ns, first, count, <uint32_t>data_off, <uint32_t>size)
         return NVMEFS_LANE_TAKEN
@@ -430,8 +445,6 @@ cdef class LaneEngine:
         r.status = 0
         r.failed_cid = 0
         r.broken = 0
-        r.reported = 0
-        r.start_ns = nvmefs_now_ns()
         r.state = REQ_ACTIVE
         self.active += 1
         if self.active > self.max_active:
@@ -483,6 +496,9 @@ cdef class LaneEngine:
                 r.broken = 1
                 r.npieces = r.next_piece
                 break
+            # each command's own clock for the watchdog (expired()): a
+            # piece that waited for SQ room starts when it is submitted
+            self.qp.cids.get(<uint32_t>rc).submit_ns = nvmefs_now_ns()
             r.next_piece += 1
             r.pending += 1
             self.n_commands += 1
@@ -582,6 +598,8 @@ cdef class LaneEngine:
                     failed = (r.status, self.qp.qid if self.qp is not None else 0, r.failed_cid)
                 self.handoff((r.opcode, r.unique, r.nsid, r.first, r.count,
                               r.skip if r.opcode == FUSE_READ else 0, r.size, data, failed))
+                self.handed.add(r.unique)
+                self.n_handed_open = len(self.handed)
             except BaseException:
                 _log.exception("lane engine: could not hand a request over; answering EIO")
                 self.reply(r.unique, EIO, NULL, 0)
@@ -669,9 +687,9 @@ cdef class LaneEngine:
         return lost
 
     def expired(self, double timeout):
-        """(cid, NVMe opcode) of each command of a request older than
-        ``timeout`` seconds, each request reported once (the watchdog's
-        timeout recipe then aborts or resets)."""
+        """(cid, NVMe opcode) of each command submitted more than
+        ``timeout`` seconds ago, each reported once (the watchdog's timeout
+        recipe then aborts or resets)."""
         cdef uint32_t idx
         cdef nvme_tracker *t
         cdef uint64_t now = nvmefs_now_ns(), limit = <uint64_t>(timeout * 1e9)
@@ -680,11 +698,9 @@ cdef class LaneEngine:
             return out
         for idx in range(self.qp.cids.depth):
             t = self.qp.cids.get(idx)
-            if (t.state == TRK_SUBMITTED and t.user < self.buffers and not self.reqs[t.user].reported
-                    and now - self.reqs[t.user].start_ns > limit):
+            if t.state == TRK_SUBMITTED and t.submit_ns and now - t.submit_ns > limit:
+                t.submit_ns = 0         # reported
                 out.append((t.cid, t.opc))
-        for cid, _ in out:
-            self.reqs[self.qp.cids.get(cid & self.qp.cids.index_mask).user].reported = 1
         return out
 
     def command_in_flight(self, uint16_t cid):
@@ -698,17 +714,26 @@ cdef class LaneEngine:
         """Where answers go (the lane thread binds /dev/fuse itself)."""
         self.fuse_fd = fd
 
+    # the answers of handed-over requests (trio's thread)
+
+    cdef inline void answered(self, uint64_t unique):
+        self.handed.discard(unique)
+        self.n_handed_open = len(self.handed)
+
     def reply_data(self, uint64_t unique, data):
         cdef const uint8_t[::1] view = memoryview(data).cast("B")
+        self.answered(unique)
         self.reply(unique, 0, &view[0] if len(view) else NULL, len(view))
 
     def reply_write(self, uint64_t unique, uint32_t count):
         cdef fuse_write_out wo
         wo.size = count
         wo.padding = 0
+        self.answered(unique)
         self.reply(unique, 0, &wo, sizeof(wo))
 
     def reply_err(self, uint64_t unique, int err):
+        self.answered(unique)
         self.reply(unique, err, NULL, 0)
 
     def mtime_ns(self, uint32_t nsid):

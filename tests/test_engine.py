@@ -88,8 +88,8 @@ class Fuse:
                     return [self.got[u] for u in uniques]
                 await trio.sleep(0.001)
 
-    async def written(self, unique):
-        err, body = (await self.wait(unique))[0]
+    async def written(self, unique, timeout=10):
+        err, body = (await self.wait(unique, timeout=timeout))[0]
         assert err == 0, os.strerror(err)
         return struct.unpack("<II", body)[0]
 
@@ -351,6 +351,34 @@ async def test_a_lane_timeout_that_finds_a_reset_under_way_leaves_it_to_the_rese
         await c._on_timeout(c.lane_q, _LaneCommand(fs, cid, opcode))
         c.ready = ready
         assert (await fuse.wait(1))[0] == (0, bytes(4096))
+
+
+async def test_every_command_of_a_split_request_is_watched_from_its_own_submission():
+    """One command at a time (a 2-entry queue), 8 KiB pieces: the first
+    piece is dropped, times out and is aborted; only then do the others go
+    in, and a later one is dropped too.  It has its own deadline (it once
+    inherited the request's, already reported, and hung for ever)."""
+    async with engine_fs(model_kw={"mdts": 1}, queue_entries=2, timeout=0.3) as (c, ns, fs, fuse, fh):
+        model = c.transport.model
+        data = os.urandom(64 * KiB)
+        model.inject(0x01, lba_start=16, lba_end=16, action="drop")           # piece 0
+        model.inject(0x01, lba_start=16 + 12, lba_end=16 + 12, action="drop")  # piece 6
+        assert fs.engine.offer_request(write_req(1, fh, 16 * 4096, data)) == TAKEN
+        assert await fuse.written(1, timeout=30) == len(data)
+        assert model.stats()["admin_commands"].get(0x08) == 2        # both pieces aborted
+        assert same(await ns.read(16, 16), data)
+
+
+async def test_interrupts_of_handed_over_requests_are_swallowed_too():
+    async with engine_fs() as (c, ns, fs, fuse, fh):
+        c.transport.model.inject(0x01, action="fail", sct=0, sc=0x06, dnr=False)    # retryable
+        assert fs.engine.offer_request(write_req(5, fh, 0, bytes(4096))) == TAKEN
+        with trio.fail_after(5):
+            while fs.engine.stats()["handed_over"] == 0:     # no checkpoint: the task cannot run yet
+                fs.engine.poll()
+        assert fs.engine.offer_request(interrupt_req(6, 5)) == ANSWERED
+        assert await fuse.written(5) == 4096
+        assert fs.engine.offer_request(interrupt_req(7, 5)) == DECLINED     # answered: not ours any more
 
 
 async def test_no_lane_queue_means_no_owner():
