@@ -34,7 +34,14 @@ def stop(proc, mnt, how="fusermount", timeout=60):
     """End the daemon; returns its exit status."""
     if proc.poll() is None:
         if how == "fusermount" and os.path.ismount(mnt):
-            subprocess.run(["fusermount3", "-u", mnt], check=True, timeout=30)
+            r = subprocess.run(["fusermount3", "-u", mnt], capture_output=True, text=True, timeout=30)
+            if r.returncode:
+                # busy (a test left a file open): kill rather than leave a
+                # daemon behind, and report it as a failed stop
+                proc.kill()
+                proc.wait()
+                subprocess.run(["fusermount3", "-u", "-z", mnt], timeout=30)
+                raise AssertionError(f"fusermount3 -u {mnt} failed: {r.stderr.strip()}")
         elif how in ("SIGINT", "SIGTERM"):
             proc.send_signal(getattr(signal, how))
         elif how == "kill":

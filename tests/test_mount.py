@@ -9,6 +9,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
@@ -373,6 +374,66 @@ def test_fault_injection_through_the_mount(paths):
         assert stats["errors_by_status"].get("UNRECOVERED_READ_ERROR") == 1
         r = run_cli("stats", mnt)
         assert r.returncode == 0 and "resets" in r.stdout
+
+
+def test_the_mount_keeps_answering_while_every_lane_buffer_is_stuck(paths):
+    """Reads the controller never completes hold all 48 of the lane
+    engine's receive buffers, and more wait behind them: stats, lookups and
+    the reads beyond 48 still reach pyfuse3 (the lane thread used to stop
+    reading /dev/fuse until a buffer came back).  Then the controller dies
+    for good: every read gets EIO, the mount keeps answering, and it
+    unmounts cleanly."""
+    import threading
+    mnt, img = paths
+    with mounted(mnt, img, "--size", "16M", env={**os.environ, "NVMEFS_FAULT_INJECTION": "1"}):
+        dev = os.path.join(mnt, "nvme0n1")
+
+        def stats():
+            # in a child that a hang cannot take down with the test
+            r = subprocess.run([sys.executable, "-c", "import os, sys; sys.stdout.buffer.write("
+                                f"os.getxattr({mnt!r}, 'user.nvmefs.stats'))"],
+                               capture_output=True, timeout=20)
+            assert r.returncode == 0, r.stderr
+            return json.loads(r.stdout)
+
+        os.setxattr(mnt, "user.nvmefs.inject", json.dumps({"opcode": 2, "action": "drop", "count": 0}).encode())
+        errors, closes = [], []
+
+        def reader(i):
+            import mmap
+            fd = os.open(dev, os.O_RDONLY | os.O_DIRECT)
+            try:
+                os.preadv(fd, [mmap.mmap(-1, 4096)], i * 4096)
+                errors.append(0)
+            except OSError as exc:
+                errors.append(exc.errno)
+            try:
+                os.close(fd)        # FUSE flush -> NVMe Flush: fails on a dead controller too
+            except OSError as exc:
+                closes.append(exc.errno)
+        threads = [threading.Thread(target=reader, args=(i,), daemon=True) for i in range(56)]
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 30
+        while stats()["direct_lane"]["engine"]["in_flight"] < 48:
+            assert time.monotonic() < deadline, stats()["direct_lane"]
+            time.sleep(0.1)
+        assert sorted(os.listdir(mnt)) == ["nvme0n1"]
+        # the controller dies, and will not come back: its bring-up fails
+        os.setxattr(mnt, "user.nvmefs.inject", json.dumps(
+            {"opcode": 5, "admin": True, "action": "fail", "sct": 1, "sc": 2, "dnr": True, "count": 0}).encode())
+        os.setxattr(mnt, "user.nvmefs.inject", b'{"fatal": true}')
+        for t in threads:
+            t.join(timeout=60)
+        assert errors == [errno_mod.EIO] * 56, errors
+        assert closes == [errno_mod.EIO] * 56, closes
+        st = stats()
+        assert st["direct_lane"]["engine"]["lost_to_reset"] == 48, st["direct_lane"]
+        assert sorted(os.listdir(mnt)) == ["nvme0n1"]
+        with pytest.raises(OSError) as ei:
+            with open(dev, "rb") as f:
+                f.read(4096)
+        assert ei.value.errno == errno_mod.EIO
 
 
 def image_state(img):

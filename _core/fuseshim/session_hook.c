@@ -391,10 +391,18 @@ static int engine_wait(struct nvmefs_lane_engine *e, int fuse_fd, int want_fuse,
 
 static int engine_loop(struct fuse_session *se, struct nvmefs_lane_engine *e, int fd)
 {
-    void *cur = NULL, *mem;
+    void *cur = NULL, *mem, *into;
+    /* When every receive buffer is in flight (or lost to a reset that
+     * never brought the controller back), requests are read into this
+     * one: the engine cannot take them, pyfuse3 can (lookups, stats, the
+     * general path's reads and writes), and waiting for a buffer instead
+     * would stall them all behind commands that may never complete. */
+    void *spare = malloc(e->bufsize);
     int err = 0, taken;
     ssize_t r;
 
+    if (spare == NULL)
+        return -ENOMEM;
     nvmefs_world_lane_acquire();
     e->bind(e->ctx, fd);
     nvmefs_world_lane_release();
@@ -403,16 +411,15 @@ static int engine_loop(struct fuse_session *se, struct nvmefs_lane_engine *e, in
         e->reap(e->ctx);
         if (cur == NULL)
             cur = e->reserve(e->ctx);
-        nvmefs_world_lane_release();
-        if (cur == NULL) {
-            /* every buffer is in flight: only a completion frees one (and
-             * the kernel keeps the requests meanwhile) -- or a reset took
-             * them, and the next attach gives them back */
-            if ((err = engine_wait(e, fd, 0, 1, 10)) < 0)
-                break;
-            continue;
+        /* every buffer in flight: under load a completion frees one within
+         * the spin window, sooner than pyfuse3 would serve the request */
+        if (cur == NULL && e->in_flight(e->ctx) && e->spin(e->ctx)) {
+            e->reap(e->ctx);
+            cur = e->reserve(e->ctx);
         }
-        r = read(fd, cur, e->bufsize);
+        nvmefs_world_lane_release();
+        into = cur != NULL ? cur : spare;
+        r = read(fd, into, e->bufsize);
         if (r < 0) {
             if (errno == EAGAIN) {
                 if ((err = engine_wait(e, fd, 1, 1, -1)) < 0)
@@ -432,10 +439,10 @@ static int engine_loop(struct fuse_session *se, struct nvmefs_lane_engine *e, in
             break;
         }
         atomic_fetch_add(&st_received, 1);
-        const struct fuse_in_header *in = cur;
+        const struct fuse_in_header *in = into;
         if (in->opcode == FUSE_READ || in->opcode == FUSE_WRITE || in->opcode == FUSE_INTERRUPT) {
             nvmefs_world_lane_acquire();
-            taken = e->offer(e->ctx, cur, (size_t)r);
+            taken = e->offer(e->ctx, into, (size_t)r);
             nvmefs_world_lane_release();
             if (taken != NVMEFS_LANE_DECLINED) {
                 if (taken == NVMEFS_LANE_TAKEN)
@@ -453,7 +460,7 @@ static int engine_loop(struct fuse_session *se, struct nvmefs_lane_engine *e, in
                 answer_raw(fd, in->unique, ENOMEM);
             continue;
         }
-        memcpy(mem, cur, (size_t)r);
+        memcpy(mem, into, (size_t)r);
         forward(fd, mem, (size_t)r);
     }
     /* The commands in flight still DMA into the buffers and their callers
@@ -477,6 +484,13 @@ static int engine_loop(struct fuse_session *se, struct nvmefs_lane_engine *e, in
         if (engine_wait(e, fd, 0, 0, 10) < 0)
             break;
     }
+    /* answers of requests handed to trio after this (a drain that gave
+     * up) must not reach whatever file reuses the fd number once libfuse
+     * closes /dev/fuse */
+    nvmefs_world_lane_acquire();
+    e->bind(e->ctx, -1);
+    nvmefs_world_lane_release();
+    free(spare);
     return err;
 }
 
