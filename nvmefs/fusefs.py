@@ -257,22 +257,27 @@ class NvmeFS(pyfuse3.Operations):
     # (fastpath.pyx): in Python their bookkeeping cost more than the
     # command.  The tasks that continue them are below.
 
-    def _lane_spawn(self, task, args, lock, first, count):
-        """Starts the task the lane asked for (through run_sync_soon: it may
-        have asked from the lane thread).  If it cannot, the command is left
-        to finish on its own and the request gets EINTR (shutting down) or
-        EIO."""
+    def _continue_in_task(self, task, args, give_up, who):
+        """A run_sync_soon callback (the lane may ask from the lane thread)
+        that starts ``task(*args)``.  If it cannot, ``give_up(errno)`` lets
+        go of what the request holds and answers it: EINTR when shutting
+        down, else EIO."""
         try:
             if self.nursery is None:
                 raise trio.RunFinishedError("the mount is shutting down")
             self.nursery.start_soon(task, *args)
         except BaseException as exc:   # a run_sync_soon callback must not raise
+            finished = isinstance(exc, trio.RunFinishedError)
+            give_up(errno.EINTR if finished else errno.EIO)
+            if not finished:
+                log.error("%s: could not continue a request: %r", who, exc)
+
+    def _lane_spawn(self, task, args, lock, first, count):
+        """DirectLane's: the command is left to finish on its own."""
+        def give_up(err):
             _core.lane_unwind(args[-1], lock, first, count)
-            if isinstance(exc, trio.RunFinishedError):
-                fuseshim.reply_err(args[0], errno.EINTR)
-            else:
-                fuseshim.reply_err(args[0], errno.EIO)
-                log.error("direct lane: could not continue a request: %r", exc)
+            fuseshim.reply_err(args[0], err)
+        self._continue_in_task(task, args, give_up, "direct lane")
 
     async def _lane_read_task(self, req, ns, first, count, skip, size, pending):
         await self._lane_finish(
@@ -361,17 +366,12 @@ class NvmeFS(pyfuse3.Operations):
         self.token.run_sync_soon(lock.wake)
 
     def _engine_spawn(self, job):
-        try:
-            if self.nursery is None:
-                raise trio.RunFinishedError("the mount is shutting down")
-            self.nursery.start_soon(self._engine_task, *job)
-        except BaseException as exc:    # a run_sync_soon callback must not raise
+        def give_up(err):
             opcode, unique, nsid, first, count = job[:5]
             if opcode == _core.FUSE_OP_WRITE:
                 self.locks[nsid].release(first, first + count)
-            self.engine.reply_err(unique, errno.EINTR if isinstance(exc, trio.RunFinishedError) else errno.EIO)
-            if not isinstance(exc, trio.RunFinishedError):
-                log.error("lane engine: could not continue a request: %r", exc)
+            self.engine.reply_err(unique, err)
+        self._continue_in_task(self._engine_task, job, give_up, "lane engine")
 
     async def _engine_task(self, opcode, unique, nsid, first, count, skip, size, data, failed):
         ns = self.ctrl.namespaces.get(nsid)

@@ -389,3 +389,16 @@ async def test_no_lane_queue_means_no_owner():
             assert not fs.start_engine() and fs.engine is None and c.lane_owner is None
     finally:
         t.close()
+
+
+async def test_a_handover_after_the_shutdown_began_is_answered_eintr_and_releases_the_range():
+    async with engine_fs() as (c, ns, fs, fuse, fh):
+        c.transport.model.inject(0x01, action="fail", sct=0, sc=0x06, dnr=False)
+        assert fs.engine.offer_request(write_req(1, fh, 0, bytes(4096))) == TAKEN
+        with trio.fail_after(5):
+            while fs.engine.stats()["handed_over"] == 0:     # the task start is queued, not run
+                fs.engine.poll()
+        nursery, fs.nursery = fs.nursery, None
+        assert (await fuse.wait(1))[0] == (errno.EINTR, b"")
+        fs.nursery = nursery
+        assert fs._lock(ns).held == []
