@@ -783,6 +783,3 @@ cdef class LaneEngine:
     def poll(self):
         """Reap: how many requests ended."""
         return self.reap()
-
-    def spin_once(self):
-        return bool(self.spin())
