@@ -50,20 +50,19 @@ def pkg_config(flag, default):
         return default
 
 
-# Separate from _core: it links libfuse and is loaded RTLD_GLOBAL (see
-# _core/fuseshim/session_hook.h), which the driver core has no business being.
+# Separate from _core: it links libfuse and is loaded RTLD_GLOBAL so that
+# pyfuse3's libfuse calls resolve to it (_core/fuseshim/shim.h), which the
+# driver core has no business being.
 fuse_cflags = pkg_config("--cflags", ["-I/usr/include/fuse3"])
+FUSESHIM = os.path.join("_core", "fuseshim")
 fuseshim = Extension(
     "nvmefs._fuseshim",
-    sources=[os.path.join("_core", "fuseshim", "_fuseshim.pyx"),
-             os.path.join("_core", "fuseshim", "session_hook.c")],
-    depends=[os.path.join("_core", "fuseshim", "session_hook.h"), os.path.join(INCLUDE, "lane_engine.h")],
-    # INCLUDE for lane_engine.h, the one thing it shares with the core
-    include_dirs=[os.path.join("_core", "fuseshim"), INCLUDE] + [f[2:] for f in fuse_cflags if f.startswith("-I")],
+    sources=[os.path.join(FUSESHIM, "_fuseshim.pyx"), os.path.join(FUSESHIM, "interpose.c"),
+             os.path.join(FUSESHIM, "forward.c")],
+    depends=[os.path.join(FUSESHIM, "shim.h")],
+    include_dirs=[FUSESHIM] + [f[2:] for f in fuse_cflags if f.startswith("-I")],
     extra_compile_args=["-O2", "-std=gnu11"] + [f for f in fuse_cflags if not f.startswith("-I")],
-    extra_link_args=pkg_config("--libs", ["-lfuse3"]) + ["-ldl"],
-    # optional (set below): without it the mount works and fallocate
-    # answers EOPNOTSUPP
+    extra_link_args=pkg_config("--libs", ["-lfuse3"]) + ["-ldl", "-pthread"],
 )
 
 extensions = cythonize(
@@ -73,8 +72,4 @@ extensions = cythonize(
     # a changed build mode must regenerate the C file
     force=DEBUG,
 )
-# cythonize() rebuilds the Extension objects without `optional`
-for e in extensions:
-    e.optional = e.name == "nvmefs._fuseshim"
-
 setup(ext_modules=extensions)

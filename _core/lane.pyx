@@ -1,48 +1,76 @@
-# The lane engine: the FUSE lane thread's reads and writes, from /dev/fuse
-# to an NVMe I/O queue of its own and back to /dev/fuse, in C, without the
-# GIL.
+# Lanes: the mount's data path, one per CPU.
 #
-# Why: the lane thread used to answer one request at a time through
-# DirectLane (fastpath.pyx): take the GIL, run Python, submit one command
-# and spin until the controller's thread answered it, reply, read the next.
-# At QD32 it spent half its time spinning on commands one by one while the
-# controller's thread waited for the next, and a 1 MiB write was copied
-# twice more than it had to be (into a bounce chunk, and into a bytes
-# object kept for a retry).  Here the thread submits each request as soon
-# as it has read it, reaps completions between reads, and answers on
-# /dev/fuse itself (a FUSE reply is one writev of fuse_out_header + data).
+# A lane is one native thread pinned to its CPU, with its own FUSE channel
+# (a /dev/fuse fd cloned from the session's) and its own NVMe I/O queue
+# pair.  It reads a request, builds the NVMe command(s) for it (lane_io.pyx),
+# submits, reaps its queue's completions and writes the FUSE reply on the
+# channel the request came from -- all in C, never taking the GIL.  Its
+# buffers are DMA memory, so a write's data is where its command reads it
+# from, and a read's data lands where the reply is sent from.
 #
-# Zero copy: the receive buffers are DMA arena memory.  A write's data is
-# read from /dev/fuse straight into one, and its command points at the data
-# inside the request, 80 bytes into the buffer: PRP1 may carry a dword-
-# aligned offset and every later PRP entry is a whole page (NVME-NOTES "PRP
-# rules"), an SGL data block takes any dword-aligned address.  A read's
-# data is DMAed over the request it came in and sent from there.
+#   /dev/fuse channel --read--> lane --submit--> SQ     controller
+#          ^                     |  <--reap----  CQ <-- (interrupt eventfd)
+#          +------reply----------+
 #
-# Ownership: the queue pair is the engine's alone (per-queue ownership,
-# defect 3): Controller creates it beside the trio queues (lane_queue=True)
-# and hands it over through NvmeFS.lane_attach().  The lane thread calls
-# reserve/offer/reap/spin holding the world lock (session_hook.c); trio's
-# thread calls attach/detach/expired/reply_* holding it too, since it holds
-# it whenever it is not waiting for I/O.  So nothing here needs a lock.
+# What a lane does not serve -- every request other than READ, WRITE,
+# FALLOCATE, FLUSH and FSYNC -- it hands to pyfuse3 through the forwarder
+# (_core/fuseshim/forward.c), which answers it on the same channel.
 #
-# Python is reached only on rare paths, taking the GIL there: a command
-# that failed (the request is handed to a trio task, which applies the
-# general path's retry rules), a controller reset (the requests in flight
-# are handed over the same way), and waking trio tasks parked on a range a
-# lane write gave back.
+# A request from a thread pinned away from this lane's CPU is handed to
+# the lane on that thread's CPU (inbox ring) with its buffer, which comes
+# back once answered (return ring); /dev/fuse gives a request to whichever
+# channel reads first, so this is how "the lane of the caller's CPU" holds.
+#
+# The control plane (trio, nvmefs/lanes.py) talks to a lane only by
+# message: a mailbox it writes and the lane acknowledges (quiesce before a
+# reset disables the controller, attach a new queue pair after it, fail
+# for good, stop), and an event ring the lane fills (command failures with
+# their status, retries, timeouts) and trio drains.  Nothing is shared per
+# request; the few counters trio reads for stats are plain integers.
+
+from libc.stdint cimport int16_t
+
+cdef extern from "lane_sys.h" nogil:
+    ctypedef struct lane_ring:
+        pass
+    ctypedef unsigned long lane_pthread "pthread_t"
+    int lane_ring_init(lane_ring *r, uint32_t capacity, uint32_t esize)
+    void lane_ring_free(lane_ring *r)
+    int lane_ring_push(lane_ring *r, const void *e)
+    int lane_ring_pop(lane_ring *r, void *e)
+    int lane_ring_ready(lane_ring *r)
+    uint32_t lane_load32(const uint32_t *p)
+    uint32_t lane_dec32(uint32_t *p)
+    void lane_store32(uint32_t *p, uint32_t v)
+    uint64_t lane_load64(const uint64_t *p)
+    void lane_store64(uint64_t *p, uint64_t v)
+    void lane_wake(int fd)
+    void lane_drain(int fd)
+    int lane_thread_start(lane_pthread *t, void *(*fn)(void *) noexcept nogil, void *arg, int cpu)
+    int lane_thread_join(lane_pthread t)
+    int lane_current_cpu()
+    int lane_route_tid(int tid, int self_cpu, const int16_t *lane_of_cpu, int ncpu)
+    int lane_fuse_clone(int session_fd)
+    int lane_eventfd()
 
 cdef extern from "<linux/fuse.h>" nogil:
     enum:
+        FUSE_FORGET
         FUSE_READ
         FUSE_WRITE
+        FUSE_FSYNC
+        FUSE_FLUSH
         FUSE_INTERRUPT
-        FUSE_COMPAT_WRITE_IN_SIZE
+        FUSE_BATCH_FORGET
+        FUSE_FALLOCATE
     struct fuse_in_header:
         uint32_t len
         uint32_t opcode
         uint64_t unique
         uint64_t nodeid
+        uint32_t uid
+        uint32_t gid
+        uint32_t pid
     struct fuse_read_in:
         uint64_t fh
         uint64_t offset
@@ -51,6 +79,11 @@ cdef extern from "<linux/fuse.h>" nogil:
         uint64_t fh
         uint64_t offset
         uint32_t size
+    struct fuse_fallocate_in:
+        uint64_t fh
+        uint64_t offset
+        uint64_t length
+        uint32_t mode
     struct fuse_interrupt_in:
         uint64_t unique
     struct fuse_out_header:
@@ -62,724 +95,1182 @@ cdef extern from "<linux/fuse.h>" nogil:
         uint32_t padding
 
 from posix.uio cimport iovec, writev
-from libc.errno cimport EIO, EINTR
-# clock_gettime, timespec and CLOCK_REALTIME: cimported by fastpath.pyx
+from posix.unistd cimport read as posix_read
+from libc.errno cimport EIO, EINTR, ENODEV, ENOENT, ENOSPC, ENOSYS, EINVAL, EAGAIN, EBUSY, EOPNOTSUPP
 
-cdef extern from "lane_engine.h" nogil:
-    enum:
-        NVMEFS_LANE_DECLINED
-        NVMEFS_LANE_TAKEN
-        NVMEFS_LANE_ANSWERED
-    struct nvmefs_lane_engine:
-        void *ctx
-        size_t bufsize
-        unsigned max_background
-        void *(*reserve)(void *ctx) noexcept nogil
-        void (*unreserve)(void *ctx, void *buf) noexcept nogil
-        int (*offer)(void *ctx, void *buf, size_t len) noexcept nogil
-        int (*reap)(void *ctx) noexcept nogil
-        int (*in_flight)(void *ctx) noexcept nogil
-        int (*spin)(void *ctx) noexcept nogil
-        int (*irq_fd)(void *ctx) noexcept nogil
-        void (*bind)(void *ctx, int fuse_fd) noexcept nogil
+import os as _os
 
-# for Python (the hand-over's opcode, offer_request's result)
-FUSE_OP_READ = FUSE_READ
-FUSE_OP_WRITE = FUSE_WRITE
-LANE_DECLINED = NVMEFS_LANE_DECLINED
-LANE_TAKEN = NVMEFS_LANE_TAKEN
-LANE_ANSWERED = NVMEFS_LANE_ANSWERED
-# receive buffers: enough for QD32 with a few to spare, each the largest
-# request libfuse negotiates (max_write 1 MiB: FUSE_MAX_MAX_PAGES pages,
-# plus its 4 KiB of header room)
-LANE_BUFFERS = 48
-LANE_BUFSIZE = (1 << 20) + 4096
+cdef extern from "<poll.h>" nogil:
+    struct pollfd:
+        int fd
+        short events
+        short revents
+    int poll(pollfd *fds, unsigned long nfds, int timeout)
+    enum: POLLIN
+
+cdef extern from "<time.h>" nogil:
+    struct lane_timespec "timespec":
+        long tv_sec
+        long tv_nsec
+    int lane_clock_gettime "clock_gettime"(int clk, lane_timespec *ts)
+    enum: LANE_CLOCK_REALTIME "CLOCK_REALTIME"
+
+cdef extern from "<sched.h>" nogil:
+    int sched_yield()
 
 cdef enum:
     LANE_MAX_NSID = 1024        # Identify CNS 02h lists at most 1024 namespaces
-    NVM_WRITE = 0x01
-    NVM_READ = 0x02
+    LANE_MAX_LANES = 1024
+    LANE_MAX_CPUS = 4096
+    LANE_HDR_ROOM = 4096        # a request's headers, before an RMW write's data
+    LANE_ROUTE_CACHE = 256
+    LANE_EVENTS = 1024
+    LANE_NONE = 0xFFFFFFFF
 
-cdef enum lane_req_state:
-    REQ_FREE = 0
-    REQ_RESERVED = 1            # the lane thread reads /dev/fuse into it
-    REQ_ACTIVE = 2              # commands at the controller (or waiting for SQ room)
-    REQ_LOST = 3                # handed over by detach(); the old controller may still DMA here
+# control mailbox commands (trio -> lane)
+cdef enum:
+    CTL_NONE = 0
+    CTL_QUIESCE = 1             # stop touching the queue pair: a reset disables the controller
+    CTL_ATTACH = 2              # serve on the queue pair in next_qp
+    CTL_FAIL = 3                # the controller is gone for good: answer EIO
+    CTL_STOP = 4                # stop reading; answer what is in flight; end the thread
+
+# event ring records (lane -> trio)
+cdef enum:
+    EV_ACK = 1                  # a control command is done (seq in nlb)
+    EV_ERROR = 2                # a command failed for good; its request ends with err
+    EV_RETRY = 3                # a command failed with a status the rule retries
+    EV_TIMEOUT = 4              # a command is past the timeout (abort it)
+    EV_TIMEOUT2 = 5             # ... and past twice the timeout (reset)
+    EV_EXIT = 6                 # the thread ended (err: 0 or -errno of its last read)
+    EV_LOST = 7                 # events were dropped: the ring was full (nlb: how many)
+
+cdef struct lane_event:
+    uint8_t kind
+    uint8_t opcode
+    uint8_t attempt
+    uint8_t fuse_op
+    uint16_t lane
+    uint16_t qid
+    uint16_t cid
+    uint16_t status
+    int32_t err
+    uint32_t nsid
+    uint32_t nlb
+    uint64_t lba
+    uint64_t unique
+    uint64_t gen
 
 cdef struct lane_ns:
     uint32_t nsid               # 0: no such namespace
     uint32_t lba_shift
     uint64_t nlbas
     uint64_t size
-    void *ranges                # its RangeLock's RangeSet (kept alive by LaneEngine.ns_objs)
+    uint32_t wz_lbas            # Write Zeroes per command (WZSL, NLB), 0: no Write Zeroes
+    uint32_t dsm                # Dataset Management deallocate reads as zeroes
+    uint32_t dsm_ranges         # DMRL
+    uint64_t dsm_range_lbas     # DMRSL
+    uint64_t dsm_lbas           # DMSL (0: no limit)
 
-cdef struct lane_req:
+cdef struct lane_xfer:          # a request (its buffer) handed between lanes
+    uint8_t *buf
+    uint32_t len
+    int32_t reply_fd
+    uint32_t home
+    uint32_t bufidx
+
+cdef struct lane_route_entry:
+    uint32_t tid
+    int32_t target
+    uint64_t expires
+
+cdef struct lane_delayed:       # a command waiting to be submitted again
+    uint32_t slot
+    uint32_t idx
+    uint8_t phase
+    uint8_t attempt
+    uint64_t due
+
+cdef struct lane_backlog:       # a data request read while no DMA buffer was free
+    lane_backlog *next
+    uint32_t len
+    int32_t reply_fd
+    uint8_t data[1]
+
+
+# request kinds and states (lane_io.pyx)
+cdef enum:
+    K_READ = 1
+    K_WRITE = 2                 # LBA-aligned: the command points into the request
+    K_RMW = 3                   # unaligned: edge LBAs read, data moved, one write
+    K_FALLOC = 4
+    K_FLUSH = 5
+
+cdef enum:
+    S_FREE = 0
+    S_RANGE = 1                 # waits for its LBA range
+    S_RUN = 2                   # commands queued or at the controller
+
+cdef struct lreq:
     uint64_t unique
     uint8_t *buf
     uint64_t iova
-    uint64_t first              # LBA
-    uint64_t count              # LBAs
-    uint32_t skip               # read: the window's offset in the data; write: the data's offset in buf
-    uint32_t size               # bytes answered (read) or written (write)
-    uint32_t nsid
-    uint32_t npieces            # commands the request needs (MDTS, NLB limits)
-    uint32_t next_piece         # the first not yet submitted
-    uint32_t pending            # submitted and not completed
-    uint16_t status             # the first error status a piece completed with (0 none)
-    uint16_t failed_cid
-    uint8_t opcode              # FUSE_READ or FUSE_WRITE
+    int32_t reply_fd
+    uint32_t home               # lane whose buffer this is
+    uint32_t bufidx             # its index there
+    uint32_t link               # next in the FIFO it sits in (waitq, rangeq)
+    uint8_t kind
     uint8_t state
-    uint8_t broken              # a piece could not be built: the general path redoes the request
+    uint8_t phase
+    uint8_t nedge               # partial LBAs read back (RMW, fallocate): 0..2
+    uint8_t punch               # fallocate: deallocate as well as zero
+    uint8_t method              # fallocate: how whole LBAs are zeroed (M_*)
+    uint8_t queued              # on the waitq
+    uint8_t fuse_op
+    uint8_t ranged              # holds [first, first + count) in its namespace's RangeSet
+    uint8_t lost                # had commands at the controller when a reset began
+    uint8_t quarantine          # ... which could not be disabled: never reuse its buffer
+    int32_t err                 # errno it ends with once nothing is in flight (0: none)
+    uint32_t nsid
+    uint32_t shift
+    uint64_t first              # LBAs it covers (held in the range lock for writes)
+    uint64_t count
+    uint64_t off                # byte offset asked for
+    uint64_t mid_a              # fallocate: the whole LBAs
+    uint64_t mid_b
+    uint64_t edge_lba[2]
+    uint32_t skip               # read: the window's offset in the data
+    uint32_t size               # read: bytes answered; write: bytes written
+    uint32_t data_off           # write: where the data starts in buf
+    uint32_t per                # LBAs per command of the current phase
+    uint32_t ncmds              # commands of the current phase
+    uint32_t next               # the first not yet submitted
+    uint32_t pending            # at the controller
+    uint32_t delayed            # waiting in the delayed list
+    uint32_t cap                # most commands at the controller at once (0: no limit)
 
 
-cdef void *lane_reserve(void *ctx) noexcept nogil:
-    return (<LaneEngine>ctx).reserve()
+cdef struct lane_t:
+    uint32_t id
+    int32_t cpu
+    uint32_t nlanes
+    int32_t fd                  # this lane's /dev/fuse channel
+    int32_t wake_fd             # eventfd: mailbox, inbox, returns, range waits
+    int32_t irq_fd              # the queue's interrupt eventfd (-1: polled)
+    uint16_t qid                # its queue pair's id
+    uint16_t next_qid
+    void *qp                    # QueuePair (a borrowed reference: LaneSet keeps it)
+    void *shared                # the LaneSet
+    lane_shared *sh
+    lane_pthread thread
+    bint running
+    bint attached               # submitting and reaping
+    bint failed                 # the controller is gone: data requests get EIO
+    bint reading                # takes requests from /dev/fuse
+    bint stopping
+    bint abandon                # LaneSet is going away: leave at once
+    bint own_fd                 # close fd when the thread has ended
+    int32_t exit_err
+    uint64_t gen                # attach generation (events carry it)
+    uint64_t spin_ns
+    uint64_t max_transfer
+    uint64_t timeout_ns
+    uint32_t retries
+    uint64_t crdt_ns[3]         # Command Retry Delay Times (Identify Controller CRDT1..3)
+    uint32_t page_size
+    uint8_t *wakebuf            # nlanes bytes: whom a range given back wakes
+    # buffers this lane reads requests into (DMA memory)
+    uint8_t *bufmem
+    uint64_t bufiova
+    size_t stride
+    size_t readsize
+    uint32_t nbuf
+    uint32_t *freebuf
+    uint32_t nfreebuf
+    uint8_t *spare              # read into while no DMA buffer is free (malloc)
+    lane_backlog *bl_head
+    lane_backlog *bl_tail
+    uint32_t nbacklog
+    # request slots
+    lreq *req
+    uint32_t nreq
+    uint32_t *freereq
+    uint32_t nfreereq
+    uint32_t active             # requests in slots
+    uint32_t inflight           # commands at the controller
+    uint32_t wq_head            # FIFO of requests with commands to submit
+    uint32_t wq_tail
+    uint32_t rq_head            # FIFO of requests waiting for their range
+    uint32_t rq_tail
+    uint32_t range_wait         # set by another lane: a range came back
+    lane_delayed *dl
+    uint32_t ndl
+    uint32_t dlcap
+    # sleeping: another thread that gives this lane work writes wake_fd
+    # only when this is set (store, full fence, load on both sides)
+    uint32_t sleeping
+    # mailbox (trio -> lane)
+    uint32_t ctl_seq
+    uint32_t ctl_cmd
+    uint32_t ctl_done
+    void *next_qp
+    int32_t next_irq
+    uint64_t next_gen
+    lane_ns *next_ns
+    lane_ns *ns                 # the namespace table in use (LaneSet.ns_tables)
+    # events (lane -> trio)
+    lane_ring events
+    uint32_t events_lost
+    lane_route_entry route[LANE_ROUTE_CACHE]
+    uint64_t now                # the loop's clock, ns
+    uint64_t next_timeout_check
+    # counters (stats: trio reads them as they are)
+    uint64_t n_read, n_write, n_rmw, n_falloc, n_flush, n_empty, n_forwarded, n_handed_in, n_handed_out
+    uint64_t n_interrupts, n_commands, n_split, n_retries, n_errors, n_lost, n_range_waits, n_sq_waits
+    uint64_t n_buffer_waits, n_spun, n_reply_errors, n_timeouts, n_sleeps, n_received
+    uint64_t n_quarantined
+    uint64_t bytes_read, bytes_written
+    uint32_t max_active
 
-cdef void lane_unreserve(void *ctx, void *buf) noexcept nogil:
-    (<LaneEngine>ctx).unreserve(<uint8_t *>buf)
 
-cdef int lane_offer(void *ctx, void *buf, size_t n) noexcept nogil:
-    return (<LaneEngine>ctx).offer(<uint8_t *>buf, n)
-
-cdef int lane_reap(void *ctx) noexcept nogil:
-    return (<LaneEngine>ctx).reap()
-
-cdef int lane_in_flight(void *ctx) noexcept nogil:
-    return <int>(<LaneEngine>ctx).active
-
-cdef int lane_spin(void *ctx) noexcept nogil:
-    return (<LaneEngine>ctx).spin()
-
-cdef int lane_irq_fd(void *ctx) noexcept nogil:
-    return (<LaneEngine>ctx).irq
-
-cdef void lane_bind(void *ctx, int fd) noexcept nogil:
-    (<LaneEngine>ctx).fuse_fd = fd
+cdef struct lane_shared:
+    uint32_t nlanes
+    lane_t **lanes
+    lane_ring *inbox            # [to * nlanes + from]
+    lane_ring *returns          # [to * nlanes + from]
+    int16_t *lane_of_cpu
+    int32_t ncpu
+    int32_t event_fd            # trio waits on it
+    void **ranges               # per nsid: RangeSet (borrowed; LaneSet.range_objs)
+    uint64_t *mtime             # per nsid: wall-clock ns of the last write answered
+    uint8_t *zero_buf           # zeroes for fallocate without Write Zeroes (DMA memory)
+    uint64_t zero_iova
+    uint32_t zero_len
+    uint32_t max_lba            # the largest LBA the buffers leave room for
+    uint32_t readers            # lanes still reading /dev/fuse: while any is, one may hand over
+    # non-data requests go to pyfuse3 (fuseshim forward.c); NULL: ENOSYS
+    int (*forward)(const void *req, size_t len, int reply_fd) noexcept nogil
+    int (*forwarded)(uint64_t unique) noexcept nogil
 
 
 cdef inline uint64_t lane_wall_ns() noexcept nogil:
-    cdef timespec ts
-    clock_gettime(CLOCK_REALTIME, &ts)
+    cdef lane_timespec ts
+    lane_clock_gettime(LANE_CLOCK_REALTIME, &ts)
     return <uint64_t>ts.tv_sec * 1000000000 + <uint64_t>ts.tv_nsec
 
 
-cdef class LaneEngine:
-    """``LaneEngine(arena, handoff, wake, buffers=LANE_BUFFERS, bufsize=LANE_BUFSIZE)``.
+# -- replies --------------------------------------------------------------------------
 
-    ``handoff(job)`` is called (GIL held, in whichever thread the engine
-    runs) with a request the engine cannot finish: ``(opcode, unique, nsid,
-    first, count, skip, size, data, failed)`` -- FUSE_READ or FUSE_WRITE,
-    the FUSE request id, the LBAs, a read's window (skip, size) or a
-    write's size and its data (bytes), and ``failed``: (status, qid, cid)
-    of the command that failed, or None when the commands were lost to a
-    reset or could not be built.  It must see to exactly one answer
-    (reply_*), and for a write give its range back (RangeLock.release).
-    ``wake(lock)`` asks trio's thread to wake tasks parked on ``lock``."""
-    cdef nvmefs_lane_engine api
+cdef void lane_reply(lane_t *ln, int fd, uint64_t unique, int err, const void *data, size_t n) noexcept nogil:
+    """One FUSE answer: fuse_out_header + data in one writev, on the
+    channel the request was read from."""
+    cdef fuse_out_header h
+    cdef iovec iov[2]
+    h.len = <uint32_t>(sizeof(fuse_out_header) + n)
+    h.error = -err
+    h.unique = unique
+    iov[0].iov_base = &h
+    iov[0].iov_len = sizeof(fuse_out_header)
+    iov[1].iov_base = <void *>data
+    iov[1].iov_len = n
+    while writev(fd, iov, 2 if n else 1) < 0:
+        if errno != EINTR:
+            # ENOENT: the kernel gave up on the request (interrupted);
+            # ENODEV: the connection is gone.  Nobody waits for it.
+            ln.n_reply_errors += 1
+            break
+
+
+# -- events to the control plane -----------------------------------------------------
+
+cdef void lane_post(lane_t *ln, uint8_t kind, lreq *r, uint16_t qid, uint16_t cid, uint8_t opcode,
+                    uint16_t status, uint8_t attempt, int32_t err, uint64_t lba, uint32_t nlb) noexcept nogil:
+    cdef lane_event e
+    memset(&e, 0, sizeof(e))
+    e.kind = kind
+    e.lane = <uint16_t>ln.id
+    e.qid = qid
+    e.cid = cid
+    e.opcode = opcode
+    e.status = status
+    e.attempt = attempt
+    e.err = err
+    e.lba = lba
+    e.nlb = nlb
+    e.gen = ln.gen
+    if r != NULL:
+        e.nsid = r.nsid
+        e.unique = r.unique
+        e.fuse_op = r.fuse_op
+    if not lane_ring_push(&ln.events, &e):
+        ln.events_lost += 1         # nvmefs stats shows it; the request itself is still answered
+        return
+    lane_wake(ln.sh.event_fd)
+
+
+# -- buffers and slots ------------------------------------------------------------------
+
+cdef inline uint8_t *lane_buf(lane_t *ln, uint32_t i) noexcept nogil:
+    return ln.bufmem + <size_t>i * ln.stride
+
+cdef void lane_give_buffer(lane_t *ln, uint32_t home, uint32_t bufidx) noexcept nogil:
+    """A buffer is free again: back to this lane's list, or to its home
+    lane's through the return ring."""
+    cdef lane_t *h
+    cdef lane_xfer x
+    if home == ln.id:
+        ln.freebuf[ln.nfreebuf] = bufidx
+        ln.nfreebuf += 1
+        return
+    h = ln.sh.lanes[home]
+    x.buf = NULL
+    x.len = 0
+    x.reply_fd = -1
+    x.home = home
+    x.bufidx = bufidx
+    # the ring holds every buffer its home has: it cannot be full
+    lane_ring_push(&ln.sh.returns[home * ln.sh.nlanes + ln.id], &x)
+    nvmefs_mb()
+    if lane_load32(&h.sleeping):
+        lane_wake(h.wake_fd)
+
+
+cdef void lane_free_slot(lane_t *ln, uint32_t slot) noexcept nogil:
+    cdef lreq *r = &ln.req[slot]
+    lane_give_buffer(ln, r.home, r.bufidx)
+    r.state = S_FREE
+    r.buf = NULL
+    ln.freereq[ln.nfreereq] = slot
+    ln.nfreereq += 1
+    ln.active -= 1
+
+
+cdef inline void fifo_push(lane_t *ln, uint32_t *head, uint32_t *tail, uint32_t slot) noexcept nogil:
+    ln.req[slot].link = LANE_NONE
+    if tail[0] == LANE_NONE:
+        head[0] = slot
+    else:
+        ln.req[tail[0]].link = slot
+    tail[0] = slot
+
+
+# -- the thread ---------------------------------------------------------------------------
+
+cdef void *lane_main(void *arg) noexcept nogil:
+    cdef lane_t *ln = <lane_t *>arg
+    lane_loop(ln)
+    lane_post(ln, EV_EXIT, NULL, 0, 0, 0, 0, 0, ln.exit_err, 0, 0)
+    return NULL
+
+
+cdef void lane_loop(lane_t *ln) noexcept nogil:
+    cdef ssize_t n
+    cdef uint8_t *into
+    cdef uint32_t bi
+    cdef bint progress
+    while True:
+        ln.now = nvmefs_now_ns()
+        if ln.abandon:
+            return
+        lane_control(ln)
+        progress = lane_take_handed(ln)
+        if ln.attached:
+            if lane_reap(ln):
+                progress = True
+            if ln.ndl:
+                lane_retry_due(ln)
+            if ln.wq_head != LANE_NONE:
+                lane_submit_waiting(ln)
+            if ln.now >= ln.next_timeout_check:
+                lane_check_timeouts(ln)
+        if lane_load32(&ln.range_wait):
+            lane_store32(&ln.range_wait, 0)
+            lane_retry_ranges(ln)
+        if ln.stopping and lane_may_end(ln):
+            return
+        if ln.nbacklog and ln.nfreebuf:
+            lane_take_backlog(ln)
+            continue
+        if not ln.reading:
+            if not progress:
+                lane_wait(ln, False)
+            continue
+        # a DMA buffer for the next request, or the spare: then the
+        # request waits (backlog) if it is a data request, but lookups,
+        # opens and stats never stall behind commands in flight
+        if ln.nfreebuf:
+            bi = ln.freebuf[ln.nfreebuf - 1]
+            into = lane_buf(ln, bi)
+        else:
+            bi = LANE_NONE
+            into = ln.spare
+        n = posix_read(ln.fd, into, ln.readsize)
+        if n < 0:
+            if errno == EAGAIN:
+                if not progress:
+                    lane_wait(ln, True)
+                continue
+            if errno == EINTR or errno == ENOENT:      # ENOENT: interrupted before we read it
+                continue
+            # ENODEV: unmounted, the connection is gone.  What is in flight
+            # is still answered (the writes fail harmlessly) and its
+            # buffers wait for its commands before the thread ends.
+            lane_stop_reading(ln, 0 if errno == ENODEV else -errno)
+            continue
+        if <size_t>n < sizeof(fuse_in_header):
+            lane_stop_reading(ln, -EIO)     # libfuse's "short read on fuse device"
+            continue
+        ln.n_received += 1
+        lane_dispatch(ln, into, <size_t>n, bi, ln.fd)
+
+
+cdef void lane_stop_reading(lane_t *ln, int32_t err) noexcept nogil:
+    cdef uint32_t k
+    if ln.reading:
+        ln.reading = False
+        if lane_dec32(&ln.sh.readers) == 0:
+            # the last reader: nobody hands requests over any more, and the
+            # others may now end (lane_may_end)
+            for k in range(ln.sh.nlanes):
+                if k != ln.id:
+                    lane_wake(ln.sh.lanes[k].wake_fd)
+    if ln.exit_err == 0:
+        ln.exit_err = err
+    ln.stopping = True
+
+
+cdef bint lane_may_end(lane_t *ln) noexcept nogil:
+    """Nothing of this lane's is left: no request, every buffer back
+    home, and no other lane can hand it one."""
+    cdef uint32_t j
+    if ln.active or ln.nbacklog or ln.nfreebuf != ln.nbuf or lane_load32(&ln.sh.readers):
+        return False
+    for j in range(ln.sh.nlanes):
+        if j != ln.id and lane_ring_ready(&ln.sh.inbox[ln.id * ln.sh.nlanes + j]):
+            return False
+    return True
+
+
+cdef bint lane_take_handed(lane_t *ln) noexcept nogil:
+    """Requests other lanes handed over, and buffers coming back."""
+    cdef uint32_t j
+    cdef lane_xfer x
+    cdef bint got = False
+    cdef lane_shared *sh = ln.sh
+    if sh.nlanes == 1:
+        return False
+    for j in range(sh.nlanes):
+        if j == ln.id:
+            continue
+        while lane_ring_pop(&sh.returns[ln.id * sh.nlanes + j], &x):
+            ln.freebuf[ln.nfreebuf] = x.bufidx
+            ln.nfreebuf += 1
+            got = True
+        while ln.nfreereq and lane_ring_pop(&sh.inbox[ln.id * sh.nlanes + j], &x):
+            ln.n_handed_in += 1
+            lane_serve(ln, x.buf, x.len, x.home, x.bufidx, x.reply_fd)
+            got = True
+    return got
+
+
+cdef bint lane_work_waiting(lane_t *ln) noexcept nogil:
+    """Something another thread gave this lane since it last looked."""
+    cdef uint32_t j
+    cdef lane_shared *sh = ln.sh
+    if lane_load32(&ln.ctl_seq) != ln.ctl_done or lane_load32(&ln.range_wait):
+        return True
+    for j in range(sh.nlanes):
+        if j != ln.id and (lane_ring_ready(&sh.returns[ln.id * sh.nlanes + j])
+                           or lane_ring_ready(&sh.inbox[ln.id * sh.nlanes + j])):
+            return True
+    return False
+
+
+cdef void lane_wait(lane_t *ln, bint want_fuse) noexcept nogil:
+    """Sleep until /dev/fuse (want_fuse and a buffer to read into), a
+    completion, a message or a timer needs the thread."""
+    cdef pollfd p[3]
+    cdef int np = 0, timeout = -1
+    cdef uint64_t start, now, due
+    cdef bint busy = ln.attached and ln.inflight > 0
+    cdef uint32_t i
+    if busy:
+        # hybrid polling: a command usually completes within microseconds,
+        # sooner than this thread would be woken
+        if (<QueuePair>ln.qp).cq_ready():
+            return
+        if ln.spin_ns:
+            start = nvmefs_now_ns()
+            while True:
+                now = nvmefs_now_ns()
+                if now - start >= ln.spin_ns:
+                    break
+                spin_pause(now - start)
+                if (<QueuePair>ln.qp).cq_ready():
+                    ln.n_spun += 1
+                    return
+        if ln.irq_fd >= 0:
+            # drain, then look once more: a completion posted after the
+            # look signals the eventfd again, so the poll cannot miss it
+            lane_drain(ln.irq_fd)
+            if (<QueuePair>ln.qp).cq_ready():
+                return
+            p[np].fd = ln.irq_fd
+            p[np].events = POLLIN
+            np += 1
+        else:
+            timeout = 0         # a polled queue: nothing signals it, watch it
+    if want_fuse:
+        p[np].fd = ln.fd
+        p[np].events = POLLIN
+        np += 1
+    p[np].fd = ln.wake_fd
+    p[np].events = POLLIN
+    np += 1
+    if timeout < 0:
+        due = 0
+        if ln.ndl:
+            due = ln.dl[0].due
+            for i in range(1, ln.ndl):
+                if ln.dl[i].due < due:
+                    due = ln.dl[i].due
+        if busy and (due == 0 or ln.next_timeout_check < due):
+            due = ln.next_timeout_check
+        if due:
+            now = nvmefs_now_ns()
+            timeout = 0 if due <= now else <int>((due - now) // 1000000) + 1
+    lane_store32(&ln.sleeping, 1)
+    nvmefs_mb()
+    if lane_work_waiting(ln):
+        lane_store32(&ln.sleeping, 0)
+        return
+    if timeout == 0 and busy and ln.irq_fd < 0:
+        sched_yield()
+    else:
+        ln.n_sleeps += 1
+        poll(p, np, timeout)
+    lane_store32(&ln.sleeping, 0)
+    lane_drain(ln.wake_fd)
+
+
+# -- the mailbox ----------------------------------------------------------------------------
+
+cdef void lane_control(lane_t *ln) noexcept nogil:
+    cdef uint32_t seq = lane_load32(&ln.ctl_seq)
+    cdef uint32_t cmd, i
+    cdef lreq *r
+    if seq == ln.ctl_done:
+        return
+    cmd = ln.ctl_cmd
+    if cmd == CTL_QUIESCE:
+        # The controller is about to be disabled: what is at it is lost.
+        # Each running request starts its current phase again on the next
+        # queue (reads and writes are idempotent under the range lock),
+        # and nothing touches this queue pair again.
+        ln.attached = False
+        for i in range(ln.nreq):
+            r = &ln.req[i]
+            if r.state == S_RUN:
+                if r.pending:
+                    r.lost = 1
+                    ln.n_lost += 1
+                r.pending = 0
+                r.delayed = 0
+                r.next = 0
+                lane_enqueue(ln, i, False)
+        ln.ndl = 0
+        ln.inflight = 0
+        ln.qp = NULL
+        ln.irq_fd = -1
+    elif cmd == CTL_ATTACH:
+        ln.qp = ln.next_qp
+        ln.irq_fd = ln.next_irq
+        ln.gen = ln.next_gen
+        ln.qid = ln.next_qid
+        ln.ns = ln.next_ns
+        ln.failed = False
+        ln.attached = ln.qp != NULL
+        ln.next_timeout_check = 0
+        for i in range(ln.nreq):
+            r = &ln.req[i]
+            # the controller was disabled before it was brought up again
+            r.lost = 0
+            # requests of namespaces the bring-up no longer found end here
+            if r.state != S_FREE and (r.nsid > LANE_MAX_NSID or ln.ns[r.nsid].nsid == 0):
+                r.err = EIO
+    elif cmd == CTL_FAIL:
+        ln.attached = False
+        ln.failed = True
+        ln.qp = NULL
+        ln.irq_fd = -1
+        ln.ndl = 0
+        ln.inflight = 0
+        for i in range(ln.nreq):
+            r = &ln.req[i]
+            if r.state != S_FREE:
+                r.pending = 0
+                r.delayed = 0
+                r.err = EIO
+                r.queued = 0
+                r.quarantine = r.lost and ln.next_irq != 0
+    elif cmd == CTL_STOP:
+        lane_stop_reading(ln, 0)
+    lane_store32(&ln.ctl_done, seq)
+    lane_post(ln, EV_ACK, NULL, 0, 0, 0, 0, 0, 0, 0, seq)
+    if cmd == CTL_FAIL:
+        lane_fail_all(ln)
+
+
+
+# -- dispatch ------------------------------------------------------------------------------
+
+cdef inline bint lane_is_data(uint32_t op) noexcept nogil:
+    return (op == FUSE_READ or op == FUSE_WRITE or op == FUSE_FALLOCATE or op == FUSE_FLUSH
+            or op == FUSE_FSYNC)
+
+
+cdef void lane_dispatch(lane_t *ln, uint8_t *buf, size_t n, uint32_t bi, int32_t reply_fd) noexcept nogil:
+    """A request just read into ``buf`` (a free DMA buffer, index ``bi``,
+    or the spare when bi == LANE_NONE)."""
+    cdef fuse_in_header *h = <fuse_in_header *>buf
+    cdef int target
+    if h.len != n:
+        lane_reply(ln, reply_fd, h.unique, EIO, NULL, 0)
+        return
+    if not lane_is_data(h.opcode):
+        lane_forward(ln, buf, n, reply_fd)
+        return
+    if bi == LANE_NONE:
+        lane_backlog_push(ln, buf, n, reply_fd)
+        return
+    target = lane_route(ln, h.pid)
+    ln.nfreebuf -= 1            # bi is the buffer on top of the list
+    if target >= 0 and <uint32_t>target != ln.id:
+        if lane_hand(ln, <uint32_t>target, buf, n, bi, reply_fd):
+            return
+    lane_serve(ln, buf, n, ln.id, bi, reply_fd)
+
+
+cdef void lane_forward(lane_t *ln, uint8_t *buf, size_t n, int32_t reply_fd) noexcept nogil:
+    """To pyfuse3 (a copy: the buffer stays this lane's)."""
+    cdef fuse_in_header *h = <fuse_in_header *>buf
+    cdef fuse_interrupt_in *ii
+    cdef int rc
+    if h.opcode == FUSE_INTERRUPT:
+        ii = <fuse_interrupt_in *>(buf + sizeof(fuse_in_header))
+        # a data request (a lane's) is answered as soon as its commands
+        # complete: its interrupt is dropped.  One pyfuse3 holds goes there.
+        if (n < sizeof(fuse_in_header) + sizeof(fuse_interrupt_in) or ln.sh.forwarded == NULL
+                or not ln.sh.forwarded(ii.unique)):
+            ln.n_interrupts += 1
+            return
+    if ln.sh.forward == NULL:
+        if h.opcode != FUSE_FORGET and h.opcode != FUSE_BATCH_FORGET and h.opcode != FUSE_INTERRUPT:
+            lane_reply(ln, reply_fd, h.unique, ENOSYS, NULL, 0)
+        return
+    rc = ln.sh.forward(buf, n, reply_fd)
+    if rc < 0:
+        if h.opcode != FUSE_FORGET and h.opcode != FUSE_BATCH_FORGET and h.opcode != FUSE_INTERRUPT:
+            lane_reply(ln, reply_fd, h.unique, -rc, NULL, 0)
+        return
+    ln.n_forwarded += 1
+
+
+cdef int lane_route(lane_t *ln, uint32_t tid) noexcept nogil:
+    """The lane that should serve a request of thread ``tid`` (-1: here);
+    its CPU mask is asked once and kept for a while."""
+    cdef lane_route_entry *e
+    if ln.sh.nlanes == 1 or tid == 0:
+        return -1
+    e = &ln.route[tid & (LANE_ROUTE_CACHE - 1)]
+    if e.tid == tid and ln.now < e.expires:
+        return e.target
+    e.tid = tid
+    e.target = lane_route_tid(<int>tid, ln.cpu, ln.sh.lane_of_cpu, ln.sh.ncpu)
+    # a changed affinity (or a reused thread id) is seen within this
+    e.expires = ln.now + 200000000
+    return e.target
+
+
+cdef bint lane_hand(lane_t *ln, uint32_t target, uint8_t *buf, size_t n, uint32_t bi,
+                    int32_t reply_fd) noexcept nogil:
+    cdef lane_t *t = ln.sh.lanes[target]
+    cdef lane_xfer x
+    x.buf = buf
+    x.len = <uint32_t>n
+    x.reply_fd = reply_fd
+    x.home = ln.id
+    x.bufidx = bi
+    if not lane_ring_push(&ln.sh.inbox[target * ln.sh.nlanes + ln.id], &x):
+        return False
+    ln.n_handed_out += 1
+    nvmefs_mb()
+    if lane_load32(&t.sleeping):
+        lane_wake(t.wake_fd)
+    return True
+
+
+cdef void lane_backlog_push(lane_t *ln, uint8_t *buf, size_t n, int32_t reply_fd) noexcept nogil:
+    cdef fuse_in_header *h = <fuse_in_header *>buf
+    cdef lane_backlog *b = <lane_backlog *>malloc(sizeof(lane_backlog) + n)
+    if b == NULL:
+        lane_reply(ln, reply_fd, h.unique, EIO, NULL, 0)
+        return
+    ln.n_buffer_waits += 1
+    b.next = NULL
+    b.len = <uint32_t>n
+    b.reply_fd = reply_fd
+    memcpy(b.data, buf, n)
+    if ln.bl_tail == NULL:
+        ln.bl_head = b
+    else:
+        ln.bl_tail.next = b
+    ln.bl_tail = b
+    ln.nbacklog += 1
+
+
+cdef void lane_take_backlog(lane_t *ln) noexcept nogil:
+    cdef lane_backlog *b
+    cdef uint32_t bi
+    cdef uint8_t *buf
+    while ln.bl_head != NULL and ln.nfreebuf:
+        b = ln.bl_head
+        ln.bl_head = b.next
+        if ln.bl_head == NULL:
+            ln.bl_tail = NULL
+        ln.nbacklog -= 1
+        ln.nfreebuf -= 1
+        bi = ln.freebuf[ln.nfreebuf]
+        buf = lane_buf(ln, bi)
+        memcpy(buf, b.data, b.len)
+        lane_serve(ln, buf, b.len, ln.id, bi, b.reply_fd)
+        free(b)
+
+
+cdef void lane_fail_all(lane_t *ln) noexcept nogil:
+    """The controller is gone: every request ends now (nothing of theirs
+    is at a controller any more)."""
+    cdef uint32_t i
+    for i in range(ln.nreq):
+        if ln.req[i].state != S_FREE:
+            lane_finish(ln, i)
+    ln.wq_head = ln.wq_tail = LANE_NONE
+    ln.rq_head = ln.rq_tail = LANE_NONE
+
+
+def _lane_ctl_names():
+    return {"quiesce": CTL_QUIESCE, "attach": CTL_ATTACH, "fail": CTL_FAIL, "stop": CTL_STOP}
+
+
+# -- the control plane's handle ---------------------------------------------------------------
+
+LANE_EVENT_KINDS = {EV_ACK: "ack", EV_ERROR: "error", EV_RETRY: "retry", EV_TIMEOUT: "timeout",
+                    EV_TIMEOUT2: "timeout2", EV_EXIT: "exit", EV_LOST: "lost"}
+
+
+cdef class LaneSet:
+    """``LaneSet(arena, cpus, buffers_per_lane, max_write=1 MiB, max_lba=4096)``:
+    one lane per entry of ``cpus`` (lane i pinned to cpus[i]; -1: not
+    pinned).  Built and driven by nvmefs/lanes.py, which is the only
+    caller: the methods here are the mailbox, the event ring and the
+    counters, each a few lines of C."""
+    cdef lane_shared sh
+    cdef lane_t **lanes
+    cdef readonly uint32_t count
     cdef DmaArena arena
-    cdef DmaBuffer mem
-    cdef readonly size_t bufsize
-    cdef size_t stride
-    cdef readonly uint32_t buffers
-    cdef lane_req *reqs
-    cdef uint32_t *free_idx     # LIFO: the buffers used last are the ones in cache and in RSS
-    cdef uint32_t nfree
-    cdef uint32_t *waitq        # requests with pieces waiting for SQ room, in arrival order
-    cdef uint32_t wq_head
-    cdef uint32_t wq_count
-    cdef lane_ns *ns
-    cdef uint64_t *mtime        # per nsid, wall-clock ns of the last write answered here
-    cdef object ns_objs         # nsid -> (RangeSet, RangeLock)
-    cdef QueuePair qp
-    cdef readonly bint attached
-    cdef readonly int irq
-    cdef int fuse_fd
-    cdef uint64_t spin_ns
-    cdef uint64_t max_transfer
-    cdef readonly uint32_t active
-    cdef object handoff
-    cdef object wake
-    cdef object handed          # uniques handed to a task and not yet answered (reply_*)
-    cdef uint32_t n_handed_open
-    # counters (stats)
-    cdef uint64_t n_reads, n_writes, n_empty, n_commands, n_split, n_declined, n_range_busy
-    cdef uint64_t n_interrupts, n_handed, n_lost, n_buffer_waits, n_sq_waits, n_spun, n_reply_errors
-    cdef uint64_t bytes_read, bytes_written
-    cdef uint32_t max_active
+    cdef list bufs               # DmaBuffer of each lane's buffers, the zero buffer
+    cdef lane_ns *tables[2]
+    cdef int table_cur
+    cdef dict range_objs         # nsid -> RangeSet
+    cdef list qps                # the queue pairs the lanes use (kept alive here)
+    cdef readonly size_t stride
+    cdef readonly size_t max_write
+    cdef readonly uint32_t buffers_per_lane
+    cdef readonly bint started
 
-    def __cinit__(self, DmaArena arena not None, handoff, wake, *, uint32_t buffers=LANE_BUFFERS,
-                  size_t bufsize=LANE_BUFSIZE):
-        cdef uint32_t i
-        self.reqs = NULL
-        self.free_idx = NULL
-        self.waitq = NULL
-        self.ns = NULL
-        self.mtime = NULL
-        self.irq = -1
-        self.fuse_fd = -1
-        if buffers < 1 or buffers > 65535:
-            raise ValueError(f"lane engine: {buffers} buffers outside 1..65535")
-        # the smallest read buffer the kernel accepts (FUSE_MIN_READ_BUFFER)
-        if bufsize < 8192:
-            raise ValueError(f"lane engine: receive buffers of {bufsize} bytes are below 8 KiB")
+    def __cinit__(self, DmaArena arena not None, cpus, uint32_t buffers_per_lane, *,
+                  size_t max_write=1 << 20, uint32_t max_lba=4096, uint32_t zero_len=1 << 20):
+        cdef uint32_t i, j, n = len(cpus)
+        cdef lane_t *ln
+        cdef DmaBuffer mem
+        cdef int fd
+        self.lanes = NULL
+        self.tables[0] = self.tables[1] = NULL
+        memset(&self.sh, 0, sizeof(lane_shared))
+        self.sh.event_fd = -1
+        if n < 1 or n > LANE_MAX_LANES:
+            raise ValueError(f"{n} lanes outside 1..{LANE_MAX_LANES}")
+        if buffers_per_lane < 2 or buffers_per_lane > 4096:
+            raise ValueError(f"{buffers_per_lane} buffers per lane outside 2..4096")
+        if <uint64_t>n * buffers_per_lane >= (1 << USER_SLOT_BITS):
+            raise ValueError(f"{n} lanes of {buffers_per_lane} buffers: too many requests in flight")
+        if max_lba < 512 or max_lba & (max_lba - 1):
+            raise ValueError(f"LBA size {max_lba} is not a power of two >= 512")
+        if max_write < 4096:
+            raise ValueError("max_write below 4 KiB")
         self.arena = arena
-        self.handoff = handoff
-        self.wake = wake
-        self.buffers = buffers
-        self.bufsize = bufsize
-        self.stride = (bufsize + arena.page_size - 1) // arena.page_size * arena.page_size
-        self.mem = arena.alloc(self.stride * buffers)
-        self.reqs = <lane_req *>calloc(buffers, sizeof(lane_req))
-        self.free_idx = <uint32_t *>malloc(buffers * sizeof(uint32_t))
-        self.waitq = <uint32_t *>malloc(buffers * sizeof(uint32_t))
-        self.ns = <lane_ns *>calloc(LANE_MAX_NSID + 1, sizeof(lane_ns))
-        self.mtime = <uint64_t *>calloc(LANE_MAX_NSID + 1, sizeof(uint64_t))
-        if (self.reqs == NULL or self.free_idx == NULL or self.waitq == NULL or self.ns == NULL
-                or self.mtime == NULL):
+        self.count = n
+        self.buffers_per_lane = buffers_per_lane
+        self.max_write = max_write
+        self.bufs = []
+        self.qps = [None] * n
+        self.range_objs = {}
+        ps = arena.page_size
+        # [headers room][data of the largest request, or an RMW write's LBAs,
+        # or a read's LBAs with a partial one at each end][two edge LBAs]
+        self.stride = (LANE_HDR_ROOM + max_write + 2 * max_lba + 2 * max_lba + ps - 1) // ps * ps
+        self.sh.nlanes = n
+        self.sh.max_lba = max_lba
+        self.sh.lanes = <lane_t **>calloc(n, sizeof(lane_t *))
+        self.sh.inbox = <lane_ring *>calloc(n * n, sizeof(lane_ring))
+        self.sh.returns = <lane_ring *>calloc(n * n, sizeof(lane_ring))
+        self.sh.ranges = <void **>calloc(LANE_MAX_NSID + 1, sizeof(void *))
+        self.sh.mtime = <uint64_t *>calloc(LANE_MAX_NSID + 1, sizeof(uint64_t))
+        self.sh.lane_of_cpu = <int16_t *>malloc(LANE_MAX_CPUS * sizeof(int16_t))
+        self.tables[0] = <lane_ns *>calloc(LANE_MAX_NSID + 1, sizeof(lane_ns))
+        self.tables[1] = <lane_ns *>calloc(LANE_MAX_NSID + 1, sizeof(lane_ns))
+        self.lanes = self.sh.lanes
+        if (self.sh.lanes == NULL or self.sh.inbox == NULL or self.sh.returns == NULL or self.sh.ranges == NULL
+                or self.sh.mtime == NULL or self.sh.lane_of_cpu == NULL or self.tables[0] == NULL
+                or self.tables[1] == NULL):
             raise MemoryError()
-        for i in range(buffers):
-            self.reqs[i].buf = self.mem.vaddr + <size_t>i * self.stride
-            self.reqs[i].iova = self.mem.iova + <uint64_t>i * self.stride
-            self.free_idx[i] = buffers - 1 - i
-        self.nfree = buffers
-        self.ns_objs = {}
-        self.handed = set()
-        self.api.ctx = <void *>self
-        self.api.bufsize = bufsize
-        self.api.max_background = buffers - 1 if buffers > 1 else 1
-        self.api.reserve = lane_reserve
-        self.api.unreserve = lane_unreserve
-        self.api.offer = lane_offer
-        self.api.reap = lane_reap
-        self.api.in_flight = lane_in_flight
-        self.api.spin = lane_spin
-        self.api.irq_fd = lane_irq_fd
-        self.api.bind = lane_bind
+        for i in range(LANE_MAX_CPUS):
+            self.sh.lane_of_cpu[i] = -1
+        fd = lane_eventfd()
+        if fd < 0:
+            raise OSError(-fd, "cannot create the lanes' event eventfd")
+        self.sh.event_fd = fd
+        zero = arena.alloc(zero_len)
+        memset((<DmaBuffer>zero).vaddr, 0, zero_len)
+        self.bufs.append(zero)
+        self.sh.zero_buf = (<DmaBuffer>zero).vaddr
+        self.sh.zero_iova = (<DmaBuffer>zero).iova
+        self.sh.zero_len = zero_len
+        for i in range(n):
+            for j in range(n):
+                if i != j and (lane_ring_init(&self.sh.inbox[i * n + j], buffers_per_lane, sizeof(lane_xfer))
+                               or lane_ring_init(&self.sh.returns[i * n + j], buffers_per_lane,
+                                                 sizeof(lane_xfer))):
+                    raise MemoryError()
+        for i in range(n):
+            ln = <lane_t *>calloc(1, sizeof(lane_t))
+            if ln == NULL:
+                raise MemoryError()
+            self.sh.lanes[i] = ln
+            ln.fd = -1
+            ln.wake_fd = -1
+            ln.irq_fd = -1
+            ln.id = i
+            ln.nlanes = n
+            ln.cpu = cpus[i]
+            ln.sh = &self.sh
+            ln.shared = <void *>self
+            ln.page_size = ps
+            ln.stride = self.stride
+            ln.readsize = self.stride - 2 * max_lba
+            ln.nbuf = buffers_per_lane
+            ln.nreq = n * buffers_per_lane
+            ln.wq_head = ln.wq_tail = ln.rq_head = ln.rq_tail = LANE_NONE
+            ln.ns = self.tables[0]
+            ln.dlcap = ln.nreq
+            mem = arena.alloc(self.stride * buffers_per_lane)
+            self.bufs.append(mem)
+            ln.bufmem = mem.vaddr
+            ln.bufiova = mem.iova
+            ln.freebuf = <uint32_t *>malloc(buffers_per_lane * sizeof(uint32_t))
+            ln.req = <lreq *>calloc(ln.nreq, sizeof(lreq))
+            ln.freereq = <uint32_t *>malloc(ln.nreq * sizeof(uint32_t))
+            ln.dl = <lane_delayed *>malloc(ln.dlcap * sizeof(lane_delayed))
+            ln.spare = <uint8_t *>malloc(ln.readsize)
+            ln.wakebuf = <uint8_t *>calloc(n, 1)
+            if (ln.freebuf == NULL or ln.req == NULL or ln.freereq == NULL or ln.dl == NULL
+                    or ln.spare == NULL or ln.wakebuf == NULL):
+                raise MemoryError()
+            if lane_ring_init(&ln.events, LANE_EVENTS, sizeof(lane_event)):
+                raise MemoryError()
+            # LIFO: the buffers used last are the ones in cache and in RSS
+            for j in range(buffers_per_lane):
+                ln.freebuf[j] = buffers_per_lane - 1 - j
+            ln.nfreebuf = buffers_per_lane
+            for j in range(ln.nreq):
+                ln.freereq[j] = ln.nreq - 1 - j
+            ln.nfreereq = ln.nreq
+            fd = lane_eventfd()
+            if fd < 0:
+                raise OSError(-fd, "cannot create a lane's eventfd")
+            ln.wake_fd = fd
+            if 0 <= ln.cpu < LANE_MAX_CPUS and self.sh.lane_of_cpu[ln.cpu] < 0:
+                self.sh.lane_of_cpu[ln.cpu] = <int16_t>i
+                if ln.cpu + 1 > self.sh.ncpu:
+                    self.sh.ncpu = ln.cpu + 1
 
     def __dealloc__(self):
-        free(self.reqs)
-        free(self.free_idx)
-        free(self.waitq)
-        free(self.ns)
-        free(self.mtime)
+        cdef uint32_t i, j, n = self.sh.nlanes
+        cdef lane_t *ln
+        cdef lane_backlog *b
+        if self.sh.lanes != NULL:
+            for i in range(n):
+                ln = self.sh.lanes[i]
+                if ln == NULL:
+                    continue
+                if ln.running:
+                    # never free what a running thread uses: end it first
+                    ln.abandon = True
+                    lane_wake(ln.wake_fd)
+                    with nogil:
+                        lane_thread_join(ln.thread)
+                while ln.bl_head != NULL:
+                    b = ln.bl_head
+                    ln.bl_head = b.next
+                    free(b)
+                if ln.fd >= 0 and ln.own_fd:
+                    close(ln.fd)
+                if ln.wake_fd >= 0:
+                    close(ln.wake_fd)
+                lane_ring_free(&ln.events)
+                free(ln.freebuf)
+                free(ln.req)
+                free(ln.freereq)
+                free(ln.dl)
+                free(ln.spare)
+                free(ln.wakebuf)
+                free(ln)
+        if self.sh.inbox != NULL:
+            for i in range(n * n):
+                lane_ring_free(&self.sh.inbox[i])
+                lane_ring_free(&self.sh.returns[i])
+        if self.sh.event_fd >= 0:
+            close(self.sh.event_fd)
+        free(self.sh.lanes)
+        free(self.sh.inbox)
+        free(self.sh.returns)
+        free(self.sh.ranges)
+        free(self.sh.mtime)
+        free(self.sh.lane_of_cpu)
+        free(self.tables[0])
+        free(self.tables[1])
 
-    # -- the lane thread's side (world lock held, no GIL) --------------------------
+    # -- set-up (before start) -----------------------------------------------------------
 
-    cdef void *reserve(self) noexcept nogil:
-        cdef uint32_t i
-        if self.nfree == 0:
-            self.n_buffer_waits += 1
-            return NULL
-        self.nfree -= 1
-        i = self.free_idx[self.nfree]
-        self.reqs[i].state = REQ_RESERVED
-        return self.reqs[i].buf
+    def set_forwarder(self, uintptr_t forward, uintptr_t forwarded):
+        """C functions of the FUSE shim (forward.c): forward(req, len, fd)
+        queues a request for pyfuse3, forwarded(unique) says whether pyfuse3
+        holds a request.  0, 0: non-data requests are answered ENOSYS."""
+        if self.started:
+            raise RuntimeError("the lanes are running")
+        self.sh.forward = <int (*)(const void *, size_t, int) noexcept nogil>forward
+        self.sh.forwarded = <int (*)(uint64_t) noexcept nogil>forwarded
 
-    cdef inline void give_back(self, uint32_t i) noexcept nogil:
-        self.reqs[i].state = REQ_FREE
-        self.free_idx[self.nfree] = i
-        self.nfree += 1
+    def set_options(self, uint64_t spin_ns, double timeout, uint32_t retries, crdt=(0, 0, 0)):
+        """Hybrid polling window, command timeout (s), retries of a
+        failed command, and the controller's Command Retry Delay Times
+        (CRDT1..3, in 100 ms units)."""
+        cdef uint32_t i, k
+        if retries > 15:
+            raise ValueError("at most 15 retries")
+        for i in range(self.count):
+            self.lanes[i].spin_ns = spin_ns
+            self.lanes[i].timeout_ns = <uint64_t>(timeout * 1e9)
+            self.lanes[i].retries = retries
+            for k in range(3):
+                self.lanes[i].crdt_ns[k] = <uint64_t>crdt[k] * 100000000
 
-    cdef inline int index_of(self, const uint8_t *buf) noexcept nogil:
-        cdef size_t off
-        if self.mem is None or buf < self.mem.vaddr:
-            return -1
-        off = <size_t>(buf - self.mem.vaddr)
-        if off % self.stride or off // self.stride >= self.buffers:
-            return -1
-        return <int>(off // self.stride)
-
-    cdef void unreserve(self, uint8_t *buf) noexcept nogil:
-        cdef int i = self.index_of(buf)
-        if i >= 0 and self.reqs[i].state == REQ_RESERVED:
-            self.give_back(<uint32_t>i)
-
-    cdef void reply(self, uint64_t unique, int err, const void *data, size_t n) noexcept nogil:
-        """One FUSE answer, as libfuse's fuse_send_reply_iov() writes it."""
-        cdef fuse_out_header h
-        cdef iovec iov[2]
-        h.len = <uint32_t>(sizeof(fuse_out_header) + n)
-        h.error = -err
-        h.unique = unique
-        iov[0].iov_base = &h
-        iov[0].iov_len = sizeof(fuse_out_header)
-        iov[1].iov_base = <void *>data
-        iov[1].iov_len = n
-        while writev(self.fuse_fd, iov, 2 if n else 1) < 0:
-            if errno != EINTR:
-                # ENOENT: the kernel gave up on the request (interrupted);
-                # ENODEV: unmounted.  Nobody is left waiting for it.
-                self.n_reply_errors += 1
-                break
-
-    cdef int offer(self, uint8_t *buf, size_t n) noexcept nogil:
-        cdef fuse_in_header *h = <fuse_in_header *>buf
-        cdef int i = self.index_of(buf)
-        if n < sizeof(fuse_in_header) or h.len != n:
-            return NVMEFS_LANE_DECLINED
-        if h.opcode == FUSE_INTERRUPT:     # read into any buffer (the spare too)
-            return self.interrupt(buf, n)
-        if i < 0 or self.reqs[i].state != REQ_RESERVED:
-            return NVMEFS_LANE_DECLINED     # not one of ours: the lane thread's spare buffer
-        if not self.attached:
-            return NVMEFS_LANE_DECLINED     # a reset is under way: pyfuse3's handlers wait for it
-        if h.opcode == FUSE_READ:
-            return self.take_read(<uint32_t>i, buf, n)
-        if h.opcode == FUSE_WRITE:
-            return self.take_write(<uint32_t>i, buf, n)
-        return NVMEFS_LANE_DECLINED
-
-    cdef inline lane_ns *ns_of(self, uint64_t fh) noexcept nogil:
-        # the file handle is the inode, nsid + 1 (NvmeFS.open)
-        if fh < 2 or fh - 1 > LANE_MAX_NSID or self.ns[fh - 1].nsid == 0:
-            return NULL
-        return &self.ns[fh - 1]
-
-    cdef int interrupt(self, uint8_t *buf, size_t n) noexcept nogil:
-        """FUSE_INTERRUPT of a request in flight here or handed to a task:
-        it completes within the command's time anyway, and an interrupt
-        needs no answer.  Any other goes to libfuse, which knows pyfuse3's
-        requests (given one it does not know, libfuse would answer EAGAIN
-        and the kernel send it again, until the request is answered)."""
-        cdef uint64_t target
-        cdef uint32_t i
-        cdef bint found = False
-        if n < sizeof(fuse_in_header) + sizeof(fuse_interrupt_in):
-            return NVMEFS_LANE_DECLINED
-        target = (<fuse_interrupt_in *>(buf + sizeof(fuse_in_header))).unique
-        for i in range(self.buffers):
-            if self.reqs[i].state == REQ_ACTIVE and self.reqs[i].unique == target:
-                found = True
-                break
-        if not found and self.n_handed_open:
-            with gil:
-                found = target in self.handed
-        if found:
-            self.n_interrupts += 1
-            return NVMEFS_LANE_ANSWERED
-        return NVMEFS_LANE_DECLINED
-
-    cdef int take_read(self, uint32_t i, uint8_t *buf, size_t n) noexcept nogil:
-        cdef fuse_in_header *h = <fuse_in_header *>buf
-        cdef fuse_read_in *ri
-        cdef lane_ns *ns
-        cdef uint64_t off, size, first, last, bs
-        if n < sizeof(fuse_in_header) + sizeof(fuse_read_in):
-            return NVMEFS_LANE_DECLINED
-        ri = <fuse_read_in *>(buf + sizeof(fuse_in_header))
-        ns = self.ns_of(ri.fh)
-        if ns == NULL:
-            self.n_declined += 1
-            return NVMEFS_LANE_DECLINED
-        off = ri.offset
-        size = ri.size
-        if size == 0 or off >= ns.size:
-            # at or past the end: an empty read, as from a regular file
-            self.reply(h.unique, 0, NULL, 0)
-            self.n_empty += 1
-            return NVMEFS_LANE_ANSWERED
-        if size > ns.size - off:
-            size = ns.size - off
-        bs = <uint64_t>1 << ns.lba_shift
-        first = off >> ns.lba_shift
-        last = (off + size + bs - 1) >> ns.lba_shift
-        if (last - first) << ns.lba_shift > self.bufsize:
-            self.n_declined += 1
-            return NVMEFS_LANE_DECLINED
-        self.start(i, FUSE_READ, h.unique, ns, first, last - first, <uint32_t>(off - (first << ns.lba_shift)),
-                   <uint32_t>size)
-        return NVMEFS_LANE_TAKEN
-
-    cdef int take_write(self, uint32_t i, uint8_t *buf, size_t n) noexcept nogil:
-        cdef fuse_in_header *h = <fuse_in_header *>buf
-        cdef fuse_write_in *wi
-        cdef lane_ns *ns
-        cdef uint64_t off, size, data_off, first, count
-        cdef int rc
-        if n < sizeof(fuse_in_header) + FUSE_COMPAT_WRITE_IN_SIZE:
-            return NVMEFS_LANE_DECLINED
-        wi = <fuse_write_in *>(buf + sizeof(fuse_in_header))
-        size = wi.size
-        off = wi.offset
-        # the data is the request's tail, whatever the fuse_write_in size
-        if size == 0 or size > n - sizeof(fuse_in_header) - FUSE_COMPAT_WRITE_IN_SIZE:
-            self.n_declined += 1
-            return NVMEFS_LANE_DECLINED
-        data_off = n - size
-        ns = self.ns_of(wi.fh)
-        # unaligned (read-modify-write), past the end (ENOSPC, short
-        # writes) or not dword-aligned in the buffer: pyfuse3's write()
-        if (ns == NULL or off > ns.size or size > ns.size - off or (off | size) & ((1u << ns.lba_shift) - 1)
-                or data_off & 3):
-            self.n_declined += 1
-            return NVMEFS_LANE_DECLINED
-        first = off >> ns.lba_shift
-        count = size >> ns.lba_shift
-        # held until the write ends: a read-modify-write, a fallocate or
-        # another write there waits, as for any write (fusefs.RangeLock)
-        rc = (<RangeSet>ns.ranges).add(first, first + count)
-        if rc == -EBUSY:
-            # overlapping one in flight: pyfuse3's write() queues behind it
-            self.n_range_busy += 1
-            return NVMEFS_LANE_DECLINED
-        if rc < 0:
-            self.n_declined += 1        # no room left in the set: only trio's side grows it
-            return NVMEFS_LANE_DECLINED
-        self.start(i, FUSE_WRITE, h.unique, ns, first, count, <uint32_t>data_off, <uint32_t>size)
-        return NVMEFS_LANE_TAKEN
-
-    cdef void start(self, uint32_t i, uint8_t opcode, uint64_t unique, lane_ns *ns, uint64_t first,
-                    uint64_t count, uint32_t skip, uint32_t size) noexcept nogil:
-        cdef lane_req *r = &self.reqs[i]
-        cdef uint64_t per = self.piece_lbas(ns)
-        r.unique = unique
-        r.opcode = opcode
-        r.nsid = ns.nsid
-        r.first = first
-        r.count = count
-        r.skip = skip
-        r.size = size
-        r.npieces = <uint32_t>((count + per - 1) // per)
-        r.next_piece = 0
-        r.pending = 0
-        r.status = 0
-        r.failed_cid = 0
-        r.broken = 0
-        r.state = REQ_ACTIVE
-        self.active += 1
-        if self.active > self.max_active:
-            self.max_active = self.active
-        if r.npieces > 1:
-            self.n_split += 1
-        # behind requests already waiting for SQ room, never ahead of them
-        if self.wq_count or self.submit(i) < 0:
-            self.wait_for_room(i)
-
-    cdef inline uint64_t piece_lbas(self, lane_ns *ns) noexcept nogil:
-        cdef uint64_t per = self.max_transfer >> ns.lba_shift
-        if per > 65536:
-            per = 65536         # NLB is a 16-bit 0-based field
-        return per if per else 1
-
-    cdef int submit(self, uint32_t i) noexcept nogil:
-        """Submit the request's remaining pieces, ringing once: 0 when all
-        are at the controller, -EAGAIN when the SQ (or its ids) ran out."""
-        cdef lane_req *r = &self.reqs[i]
-        cdef lane_ns *ns = &self.ns[r.nsid]
-        cdef uint64_t per = self.piece_lbas(ns), lba, cnt
-        cdef nvme_sqe cmd
-        cdef dma_seg seg
-        cdef int rc, result = 0
-        cdef bint read = r.opcode == FUSE_READ
-        while r.next_piece < r.npieces:
-            lba = r.first + <uint64_t>r.next_piece * per
-            cnt = r.count - <uint64_t>r.next_piece * per
-            if cnt > per:
-                cnt = per
-            memset(&cmd, 0, sizeof(cmd))
-            cmd.opc = NVM_READ if read else NVM_WRITE
-            cmd.nsid = r.nsid
-            cmd.cdw10 = <uint32_t>lba
-            cmd.cdw11 = <uint32_t>(lba >> 32)
-            cmd.cdw12 = <uint32_t>(cnt - 1)
-            seg.iova = r.iova + (0 if read else r.skip) + ((lba - r.first) << ns.lba_shift)
-            seg.length = <uint32_t>(cnt << ns.lba_shift)
-            seg.flags = 0
-            rc = self.qp.submit(&cmd, &seg, 1, DPTR_AUTO, read, i, False)
-            if rc == -EAGAIN or rc == -EBUSY:
-                self.n_sq_waits += 1
-                result = -EAGAIN
-                break
-            if rc < 0:
-                # neither PRP nor SGL can describe it (not expected of one
-                # contiguous buffer): the general path's bounce chunks can
-                r.broken = 1
-                r.npieces = r.next_piece
-                break
-            # each command's own clock for the watchdog (expired()): a
-            # piece that waited for SQ room starts when it is submitted
-            self.qp.cids.get(<uint32_t>rc).submit_ns = nvmefs_now_ns()
-            r.next_piece += 1
-            r.pending += 1
-            self.n_commands += 1
-        self.qp.ring_sq()
-        if r.pending == 0 and r.next_piece == r.npieces:
-            self.finish(i)      # broken before its first command
-        return result
-
-    cdef inline void wait_for_room(self, uint32_t i) noexcept nogil:
-        cdef uint32_t tail = self.wq_head + self.wq_count
-        if tail >= self.buffers:
-            tail -= self.buffers
-        self.waitq[tail] = i
-        self.wq_count += 1
-
-    cdef void submit_waiting(self) noexcept nogil:
-        cdef uint32_t i
-        while self.wq_count:
-            i = self.waitq[self.wq_head]
-            if self.reqs[i].state == REQ_ACTIVE and self.submit(i) < 0:
-                return
-            self.wq_head += 1
-            if self.wq_head == self.buffers:
-                self.wq_head = 0
-            self.wq_count -= 1
-
-    cdef int reap(self) noexcept nogil:
-        cdef int n, k, ended = 0
-        cdef uint32_t i
-        cdef uint16_t st
-        cdef lane_req *r
-        if not self.attached:
-            return 0
-        n = self.qp.process_completions(0)
-        for k in range(n):
-            i = <uint32_t>self.qp.out_user[k]
-            if i >= self.buffers or self.reqs[i].state != REQ_ACTIVE:
-                continue        # the queue pair already drops stale ids; this would be a bug
-            r = &self.reqs[i]
-            st = self.qp.out_cqe[k].status & 0xFFFE
-            if st and not r.status:
-                r.status = st
-                r.failed_cid = self.qp.out_cqe[k].cid
-            r.pending -= 1
-            if r.pending == 0 and r.next_piece == r.npieces:
-                self.finish(i)
-                ended += 1
-        if n and self.wq_count:
-            self.submit_waiting()
-        return ended
-
-    cdef void finish(self, uint32_t i) noexcept nogil:
-        cdef lane_req *r = &self.reqs[i]
-        cdef fuse_write_out wo
-        self.active -= 1
-        if r.status or r.broken:
-            self.hand_over(i)
-            return
-        if r.opcode == FUSE_READ:
-            self.reply(r.unique, 0, r.buf + r.skip, r.size)
-            self.n_reads += 1
-            self.bytes_read += r.size
-        else:
-            self.mtime[r.nsid] = lane_wall_ns()
-            self.release_range(r)
-            wo.size = r.size
-            wo.padding = 0
-            self.reply(r.unique, 0, &wo, sizeof(wo))
-            self.n_writes += 1
-            self.bytes_written += r.size
-        self.give_back(i)
-
-    cdef void release_range(self, lane_req *r) noexcept nogil:
-        # (a cast, not a local: a typed local would take a reference, which
-        # needs the GIL)
-        (<RangeSet>self.ns[r.nsid].ranges).remove(r.first, r.first + r.count)
-        if (<RangeSet>self.ns[r.nsid].ranges).waiters:
-            with gil:
-                try:
-                    self.wake(self.ns_objs[r.nsid][1])
-                except BaseException:
-                    _log.exception("lane engine: could not wake the tasks waiting for a range")
-
-    cdef void hand_over(self, uint32_t i) noexcept nogil:
-        """The request goes to a trio task (see the class docstring); its
-        buffer is free again unless a reset took it (then it waits for the
-        controller to be disabled: attach())."""
-        cdef lane_req *r = &self.reqs[i]
-        self.n_handed += 1
-        with gil:
-            try:
-                data = None
-                if r.opcode == FUSE_WRITE:
-                    data = PyBytes_FromStringAndSize(<char *>r.buf + r.skip, r.size)
-                failed = None
-                if r.status and not r.broken and r.state != REQ_LOST:
-                    failed = (r.status, self.qp.qid if self.qp is not None else 0, r.failed_cid)
-                self.handoff((r.opcode, r.unique, r.nsid, r.first, r.count,
-                              r.skip if r.opcode == FUSE_READ else 0, r.size, data, failed))
-                self.handed.add(r.unique)
-                self.n_handed_open = len(self.handed)
-            except BaseException:
-                _log.exception("lane engine: could not hand a request over; answering EIO")
-                self.reply(r.unique, EIO, NULL, 0)
-                if r.opcode == FUSE_WRITE:
-                    self.release_range(r)
-        if r.state != REQ_LOST:
-            self.give_back(i)
-
-    cdef int spin(self) noexcept nogil:
-        cdef uint64_t start, now
-        if not self.attached or not self.active:
-            return 0
-        if self.qp.cq_ready():
-            return 1
-        if not self.spin_ns:
-            return 0
-        start = nvmefs_now_ns()
-        while True:
-            now = nvmefs_now_ns()
-            if now - start >= self.spin_ns:
-                return 0
-            spin_pause(now - start)
-            if self.qp.cq_ready():
-                self.n_spun += 1
-                return 1
-
-    # -- trio's side (world lock held) ---------------------------------------------
-
-    def attach(self, QueuePair qp not None, int irq_fd, uint64_t max_transfer, uint64_t spin_ns, namespaces):
-        """Serve on ``qp`` (its completion queue signals ``irq_fd``, -1 for
-        a polled one).  ``namespaces``: (nsid, lba_size, nlbas, RangeLock)
-        for each namespace.  Buffers a reset took are free again: the
-        controller was disabled before it was brought up with this queue."""
-        cdef uint32_t i, nsid, shift
-        if self.attached:
-            raise RuntimeError("lane engine: already attached")
-        if max_transfer < 4096:
-            raise ValueError(f"lane engine: maximum transfer {max_transfer} below 4 KiB")
-        memset(self.ns, 0, (LANE_MAX_NSID + 1) * sizeof(lane_ns))
-        objs = {}
-        for nsid, lba_size, nlbas, lock in namespaces:
+    def set_namespaces(self, namespaces):
+        """The table the next attach() hands the lanes: (nsid, lba_size,
+        nlbas, limits) each, limits as Controller.nvm_limits plus
+        ``write_zeroes``, ``dsm`` (deallocate reads as zeroes).  The lanes
+        switch to it in attach(): before then they still read the old one."""
+        cdef int nxt = 1 - self.table_cur
+        cdef lane_ns *t = self.tables[nxt]
+        cdef uint32_t nsid, shift, lba_size
+        memset(t, 0, (LANE_MAX_NSID + 1) * sizeof(lane_ns))
+        for nsid, lba_size, nlbas, lim in namespaces:
             if nsid < 1 or nsid > LANE_MAX_NSID:
-                continue        # served by pyfuse3's handlers
+                continue
             shift = 0
-            while (1u << shift) < <uint32_t>lba_size:
+            while (1u << shift) < lba_size:
                 shift += 1
-            if (1u << shift) != <uint32_t>lba_size:
-                raise ValueError(f"lane engine: LBA size {lba_size} is not a power of two")
-            ranges = lock.core
-            objs[nsid] = (ranges, lock)
-            self.ns[nsid].nsid = nsid
-            self.ns[nsid].lba_shift = shift
-            self.ns[nsid].nlbas = nlbas
-            self.ns[nsid].size = <uint64_t>nlbas << shift
-            self.ns[nsid].ranges = <void *>ranges
-        self.ns_objs = objs
-        for i in range(self.buffers):
-            if self.reqs[i].state == REQ_LOST:
-                self.give_back(i)
-        self.qp = qp
-        self.irq = irq_fd
-        self.max_transfer = max_transfer
-        self.spin_ns = spin_ns
-        self.wq_head = self.wq_count = 0
-        self.attached = True
+            if (1u << shift) != lba_size:
+                raise ValueError(f"LBA size {lba_size} is not a power of two")
+            t[nsid].nsid = nsid
+            t[nsid].lba_shift = shift
+            t[nsid].nlbas = nlbas
+            t[nsid].size = <uint64_t>nlbas << shift
+            if lim.get("write_zeroes"):
+                wz = 65536
+                if lim.get("write_zeroes_bytes"):
+                    wz = max(1, min(wz, lim["write_zeroes_bytes"] >> shift))
+                t[nsid].wz_lbas = wz
+            t[nsid].dsm = 1 if lim.get("dsm") else 0
+            t[nsid].dsm_ranges = min(256, lim.get("dsm_ranges", 256))
+            t[nsid].dsm_range_lbas = min(0xFFFFFFFF, lim.get("dsm_range_lbas", 0xFFFFFFFF))
+            t[nsid].dsm_lbas = lim.get("dsm_lbas", 0)
+            if nsid not in self.range_objs:
+                rs = RangeSet(self.count * self.buffers_per_lane, self.count)
+                self.range_objs[nsid] = rs
+                self.sh.ranges[nsid] = <void *>rs
+        self.table_cur = nxt
 
-    def detach(self):
-        """The queue is going away (reset, shutdown): every request in
-        flight is handed over (``handoff`` with ``failed`` None: resubmit
-        once the controller is back).  Returns how many."""
-        cdef uint32_t i, lost = 0
-        if not self.attached:
-            return 0
-        self.attached = False
-        for i in range(self.buffers):
-            if self.reqs[i].state == REQ_ACTIVE:
-                self.reqs[i].state = REQ_LOST
-                self.active -= 1
-                self.n_lost += 1
-                lost += 1
-                self.hand_over(i)
-        self.wq_head = self.wq_count = 0
-        self.qp = None
-        self.irq = -1
-        return lost
+    def start(self, fuse_fds, bint own=True):
+        """Start the threads, lane i reading ``fuse_fds[i]`` (non-blocking;
+        closed with the lane when ``own``).  Each lane is pinned to its CPU."""
+        cdef uint32_t i
+        cdef int rc
+        cdef lane_t *ln
+        if self.started:
+            raise RuntimeError("the lanes are running")
+        if len(fuse_fds) != self.count:
+            raise ValueError(f"{len(fuse_fds)} channels for {self.count} lanes")
+        for i in range(self.count):
+            self.lanes[i].fd = fuse_fds[i]
+            self.lanes[i].own_fd = own
+            self.lanes[i].reading = True
+        self.sh.readers = self.count
+        self.started = True
+        for i in range(self.count):
+            ln = self.lanes[i]
+            rc = lane_thread_start(&ln.thread, lane_main, ln, ln.cpu)
+            if rc < 0:
+                raise OSError(-rc, f"cannot start lane {i}")
+            ln.running = True
 
-    def expired(self, double timeout):
-        """(cid, NVMe opcode) of each command submitted more than
-        ``timeout`` seconds ago, each reported once (the watchdog's timeout
-        recipe then aborts or resets)."""
-        cdef uint32_t idx
-        cdef nvme_tracker *t
-        cdef uint64_t now = nvmefs_now_ns(), limit = <uint64_t>(timeout * 1e9)
+    def join(self):
+        """Wait for every thread to end (after stop, or the unmount)."""
+        cdef uint32_t i
+        cdef lane_t *ln
+        for i in range(self.count):
+            ln = self.lanes[i]
+            if ln.running:
+                with nogil:
+                    lane_thread_join(ln.thread)
+                ln.running = False
+
+    def close_channels(self):
+        """Close the lanes' FUSE channels, once nothing can answer on them
+        any more (the threads have ended and pyfuse3's loop too): until
+        then a late reply must find its channel, not a reused fd number."""
+        cdef uint32_t i
+        cdef lane_t *ln
+        self.join()
+        for i in range(self.count):
+            ln = self.lanes[i]
+            if ln.fd >= 0 and ln.own_fd:
+                close(ln.fd)
+            ln.fd = -1
+
+    # -- the mailbox ------------------------------------------------------------------
+
+    def post(self, uint32_t lane, str what, qp=None, int irq_fd=-1, uint64_t gen=0, bint dma_unsafe=False):
+        """Give lane ``lane`` a command (quiesce, attach, fail, stop); its
+        acknowledgement comes as an ("ack", seq) event.  Returns seq.
+        For attach, ``qp`` is its queue pair (kept alive here) and the
+        namespace table is the one set_namespaces() made last."""
+        cdef lane_t *ln
+        cdef uint32_t seq
+        cmd = _lane_ctl_names()[what]
+        if lane >= self.count:
+            raise IndexError(lane)
+        ln = self.lanes[lane]
+        if lane_load32(&ln.ctl_seq) != lane_load32(&ln.ctl_done):
+            raise RuntimeError(f"lane {lane}: a control command is still pending")
+        if cmd == CTL_ATTACH:
+            self.qps[lane] = qp
+            ln.next_qp = <void *>qp
+            ln.next_irq = irq_fd
+            ln.next_gen = gen
+            ln.next_ns = self.tables[self.table_cur]
+            ln.max_transfer = qp.max_transfer
+            ln.next_qid = qp.qid
+        elif cmd == CTL_FAIL:
+            # the controller could not be disabled: it may still write
+            # into the buffers of what it had
+            ln.next_irq = 1 if dma_unsafe else 0
+        ln.ctl_cmd = cmd
+        seq = ln.ctl_seq + 1
+        lane_store32(&ln.ctl_seq, seq)
+        nvmefs_mb()
+        lane_wake(ln.wake_fd)
+        if not ln.running:
+            # not started (yet, or any more): the lane's own steps, here
+            with nogil:
+                lane_control(ln)
+        return seq
+
+    def acked(self, uint32_t lane, uint32_t seq):
+        return lane_load32(&self.lanes[lane].ctl_done) == seq
+
+    def release_queue(self, uint32_t lane):
+        """Drop the reference to a queue pair the lane has let go of."""
+        if self.lanes[lane].qp == NULL:
+            self.qps[lane] = None
+
+    def events(self):
+        """Drain the event rings: a list of (kind, lane, fields...) tuples."""
+        cdef uint32_t i
+        cdef lane_event e
+        cdef lane_t *ln
+        cdef uint32_t lost
+        lane_drain(self.sh.event_fd)
         out = []
-        if not self.attached:
-            return out
-        for idx in range(self.qp.cids.depth):
-            t = self.qp.cids.get(idx)
-            if t.state == TRK_SUBMITTED and t.submit_ns and now - t.submit_ns > limit:
-                t.submit_ns = 0         # reported
-                out.append((t.cid, t.opc))
+        for i in range(self.count):
+            ln = self.lanes[i]
+            while lane_ring_pop(&ln.events, &e):
+                out.append((LANE_EVENT_KINDS.get(e.kind, e.kind), e.lane, e.qid, e.cid, e.opcode, e.status,
+                            e.attempt, e.err, e.nsid, e.lba, e.nlb, e.unique, e.gen, e.fuse_op))
         return out
 
-    def command_in_flight(self, uint16_t cid):
-        cdef nvme_tracker *t
-        if not self.attached:
-            return False
-        t = self.qp.cids.get(cid & self.qp.cids.index_mask)
-        return t.state == TRK_SUBMITTED and t.cid == cid
+    def events_lost(self, uint32_t lane):
+        return self.lanes[lane].events_lost
 
-    def bind(self, int fd):
-        """Where answers go (the lane thread binds /dev/fuse itself)."""
-        self.fuse_fd = fd
+    @property
+    def event_fd(self):
+        return self.sh.event_fd
 
-    # the answers of handed-over requests (trio's thread)
-
-    cdef inline void answered(self, uint64_t unique):
-        self.handed.discard(unique)
-        self.n_handed_open = len(self.handed)
-
-    def reply_data(self, uint64_t unique, data):
-        cdef const uint8_t[::1] view = memoryview(data).cast("B")
-        self.answered(unique)
-        self.reply(unique, 0, &view[0] if len(view) else NULL, len(view))
-
-    def reply_write(self, uint64_t unique, uint32_t count):
-        cdef fuse_write_out wo
-        wo.size = count
-        wo.padding = 0
-        self.answered(unique)
-        self.reply(unique, 0, &wo, sizeof(wo))
-
-    def reply_err(self, uint64_t unique, int err):
-        self.answered(unique)
-        self.reply(unique, err, NULL, 0)
+    # -- what trio reads ---------------------------------------------------------------
 
     def mtime_ns(self, uint32_t nsid):
-        """Wall-clock ns of the last write answered here, 0 for none."""
-        return self.mtime[nsid] if 0 < nsid <= LANE_MAX_NSID else 0
+        """Wall-clock ns of the last write a lane answered there, 0 for none."""
+        return lane_load64(&self.sh.mtime[nsid]) if 0 < nsid <= LANE_MAX_NSID else 0
 
-    @property
-    def api_address(self):
-        """The nvmefs_lane_engine table (lane_engine.h) for the lane thread."""
-        return <uintptr_t>&self.api
+    def running(self, uint32_t lane):
+        return bool(self.lanes[lane].running)
 
-    @property
-    def in_flight(self):
-        return self.active
+    def cpu(self, uint32_t lane):
+        return self.lanes[lane].cpu
 
     def stats(self):
-        return {
-            "reads": self.n_reads, "writes": self.n_writes, "empty_reads": self.n_empty,
-            "bytes_read": self.bytes_read, "bytes_written": self.bytes_written,
-            "commands": self.n_commands, "split": self.n_split, "declined": self.n_declined,
-            "range_busy": self.n_range_busy, "interrupts": self.n_interrupts, "handed_over": self.n_handed,
-            "lost_to_reset": self.n_lost, "buffer_waits": self.n_buffer_waits, "sq_waits": self.n_sq_waits,
-            "spun": self.n_spun, "reply_errors": self.n_reply_errors, "in_flight": self.active,
-            "max_in_flight": self.max_active, "buffers": self.buffers, "attached": self.attached,
-        }
+        cdef uint32_t i
+        cdef lane_t *ln
+        out = []
+        for i in range(self.count):
+            ln = self.lanes[i]
+            out.append({
+                "lane": i, "cpu": ln.cpu, "received": ln.n_received, "reads": ln.n_read,
+                "writes": ln.n_write, "rmw": ln.n_rmw, "fallocates": ln.n_falloc, "flushes": ln.n_flush,
+                "empty_reads": ln.n_empty, "to_pyfuse3": ln.n_forwarded, "handed_in": ln.n_handed_in,
+                "handed_out": ln.n_handed_out, "interrupts": ln.n_interrupts, "commands": ln.n_commands,
+                "split": ln.n_split, "retries": ln.n_retries, "errors": ln.n_errors,
+                "lost_to_reset": ln.n_lost, "range_waits": ln.n_range_waits, "sq_waits": ln.n_sq_waits,
+                "buffer_waits": ln.n_buffer_waits, "spun": ln.n_spun, "reply_errors": ln.n_reply_errors,
+                "timeouts": ln.n_timeouts, "sleeps": ln.n_sleeps, "bytes_read": ln.bytes_read,
+                "bytes_written": ln.bytes_written, "in_flight": ln.active, "max_in_flight": ln.max_active,
+                "buffers": ln.nbuf, "attached": bool(ln.attached), "failed": bool(ln.failed),
+                "running": bool(ln.running), "events_lost": ln.events_lost,
+                "quarantined": ln.n_quarantined,
+            })
+        return out
 
-    # -- what the lane thread does, callable from Python (tests) -----------------------
+    def ranges(self, uint32_t nsid):
+        """The RangeSet of a namespace (tests), or None."""
+        return self.range_objs.get(nsid)
 
-    def offer_request(self, request):
-        """Read ``request`` (the bytes of one FUSE request) into a receive
-        buffer and offer it: NVMEFS_LANE_* (0 declined, 1 taken, 2
-        answered), or None when no buffer is free."""
-        cdef const uint8_t[::1] src = memoryview(request).cast("B")
-        cdef uint8_t *buf
-        cdef int rc
-        if <size_t>len(src) > self.bufsize:
-            raise ValueError("request larger than a receive buffer")
-        buf = <uint8_t *>self.reserve()
-        if buf == NULL:
-            return None
-        memcpy(buf, &src[0], len(src))
-        rc = self.offer(buf, len(src))
-        if rc != NVMEFS_LANE_TAKEN:
-            self.unreserve(buf)
-        return rc
 
-    def poll(self):
-        """Reap: how many requests ended."""
-        return self.reap()
+def clone_fuse_channel(int session_fd):
+    """A new /dev/fuse channel of the connection behind ``session_fd``
+    (FUSE_DEV_IOC_CLONE), non-blocking."""
+    cdef int fd = lane_fuse_clone(session_fd)
+    if fd < 0:
+        raise OSError(-fd, f"cannot clone the FUSE channel: {_os.strerror(-fd)}")
+    return fd
+
+

@@ -6,6 +6,7 @@ import os
 import sys
 
 from nvmefs import __version__
+from nvmefs.errors import UsageError, unwrap
 
 SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
@@ -64,7 +65,7 @@ def with_controller(args, fn):
     import trio
 
     from nvmefs.controller import open_controller
-    from nvmefs.mount import UsageError, check_image, default_image
+    from nvmefs.image import check_image, default_image
     from nvmefs.transport import ModelTransport
 
     if getattr(args, "device", None):
@@ -214,7 +215,6 @@ def cmd_format(args):
 
 def cmd_create_image(args):
     from nvmefs import _core
-    from nvmefs.mount import UsageError
     if os.path.exists(args.image):
         raise UsageError(f"{args.image} already exists")
     if args.size % args.lba_size:
@@ -248,38 +248,26 @@ def cmd_stats(args):
     try:
         raw = os.getxattr(args.mountpoint, "user.nvmefs.stats")
     except OSError as exc:
-        from nvmefs.mount import UsageError
         raise UsageError(f"{args.mountpoint} is not a running nvmefs mount ({exc.strerror})") from None
     d = json.loads(raw)
 
     def table(d):
-        cols = ("qid", "submitted", "completed", "in_flight", "sq_full_waits", "busy_waits", "prp", "sgl",
-                "errors", "interrupts", "polled_completions")
-        out = [f"controller {d['transport']}   resets {d['resets']}   fuse errors {d['fuse_errors']}",
-               " ".join(f"{c:>13}" for c in cols)]
+        la = d["lanes"]
+        out = [f"controller {d['transport']}   resets {d['resets']}   lanes {len(la['lanes'])}   "
+               f"errors {la['errors']}   retries {la['retries']}   timeouts {la['timeouts']}"]
+        cols = ("qid", "owner", "submitted", "completed", "in_flight", "sq_full_waits", "prp", "sgl", "errors",
+                "interrupts")
+        out.append(" ".join(f"{c:>13}" for c in cols))
         for q in d["queues"]:
             out.append(" ".join(f"{q.get(c, 0):>13}" for c in cols))
-        fa = d.get("fallocate")
-        if fa:
-            out.append(f"fallocate: {fa['punch']} punch-hole, {fa['zero']} zero-range, "
-                       f"{fa['refused']} refused" + ("" if fa["hooked"] else " (not available on this mount)"))
-        la = d.get("direct_lane")
-        if la:
-            if not la.get("engine"):        # with the engine, DirectLane does not run
-                out.append(f"direct lane: {la['read']} reads and {la['write']} writes answered inline, "
-                           f"{la['continued']} continued in a task ({la.get('queued', 0)} of them queued "
-                           f"without polling)" + ("" if la["on"] else " (off on this mount)"))
-            th = la.get("thread")
-            if th:
-                out.append(f"lane thread: {th['received']} requests read from /dev/fuse, {th['answered']} "
-                           f"answered there, {th['to_pyfuse3']} handed to pyfuse3 "
-                           f"({th['declined']} of them reads or writes the lane declined)")
-            en = la.get("engine")
-            if en:
-                out.append(f"lane engine: {en['reads']} reads and {en['writes']} writes answered on its own "
-                           f"queue ({en['commands']} commands, {en['split']} requests split), "
-                           f"{en['declined'] + en['range_busy']} declined, {en['handed_over']} handed to a "
-                           f"task, {en['in_flight']} in flight (at most {en['max_in_flight']})")
+        cols = ("lane", "cpu", "reads", "writes", "rmw", "fallocates", "flushes", "to_pyfuse3", "handed_in",
+                "handed_out", "retries", "errors", "lost_to_reset", "in_flight", "max_in_flight")
+        out.append(" ".join(f"{c:>13}" for c in cols))
+        for ln in la["lanes"]:
+            out.append(" ".join(f"{ln.get(c, 0):>13}" for c in cols))
+        for e in la.get("recent_errors", []):
+            out.append(f"recent error: lane {e['lane']} {e['op']} nvme0n{e['nsid']} LBA {e['lba']}+{e['blocks']}: "
+                       f"{e['command']} {e['status']} after {e['attempts']} attempt(s)")
         if d["errors_by_status"]:
             out.append("errors by status: " + ", ".join(f"{k} {v}" for k, v in d["errors_by_status"].items()))
         return "\n".join(out)
@@ -329,13 +317,6 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
 
 
-def unwrap(exc):
-    """The single real error inside trio's exception groups."""
-    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
-        exc = exc.exceptions[0]
-    return exc
-
-
 def build_parser():
     ap = Parser(
         prog="nvmefs",
@@ -368,8 +349,9 @@ def build_parser():
     p.add_argument("--size", type=parse_size, default=1 << 30, help="size of a new image (default 1G)")
     p.add_argument("--lba-size", type=int, choices=(512, 4096), default=512, help="LBA size of a new image")
     p.add_argument("--namespaces", type=positive, default=1, metavar="N", help="namespaces in a new image")
-    p.add_argument("--queues", type=int_range(1, 1024), default=None, metavar="N",
-                   help="I/O queue pairs (default: one per usable CPU)")
+    p.add_argument("--lanes", type=int_range(1, 1024), default=None, metavar="N",
+                   help="lanes, each a thread on its own CPU with its own FUSE channel and NVMe queue pair "
+                        "(default: one per CPU this process may run on)")
     p.add_argument("--queue-depth", type=int_range(1, 1023), default=255, metavar="N",
                    help="commands in flight per queue (default 255)")
     p.add_argument("--sgl", choices=("on", "off", "bitbucket"), default="bitbucket",
@@ -383,16 +365,6 @@ def build_parser():
     p.add_argument("--model-idle-us", type=int_range(0, 1000000), default=1000, metavar="US",
                    help="built-in controller: busy-poll this long after its last command before "
                         "sleeping (default 1000; a sleeping controller costs a thread wake-up per command)")
-    p.add_argument("--no-direct-lane", action="store_true",
-                   help="send every read and write through pyfuse3's handlers instead of answering "
-                        "those one polled NVMe command can serve inside libfuse's dispatch")
-    p.add_argument("--no-lane-thread", action="store_true",
-                   help="let pyfuse3's loop read /dev/fuse, with the direct lane inside its dispatch, "
-                        "instead of a thread that answers reads and writes without trio scheduling")
-    p.add_argument("--no-lane-queue", action="store_true",
-                   help="have the lane thread run the direct lane on the shared I/O queues, one polled "
-                        "command at a time, instead of submitting every read and write it reads at once "
-                        "on an I/O queue of its own and answering them from C")
     p.add_argument("--page-cache", action="store_true",
                    help="let the kernel page cache serve reads (default: direct I/O)")
     p.add_argument("-b", "--background", action="store_true", help="run in the background once mounted")
@@ -446,7 +418,6 @@ def build_parser():
 
 
 def main(argv=None):
-    from nvmefs.mount import UsageError
     ap = build_parser()
     args = ap.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)

@@ -2,12 +2,21 @@
 
 Bring-up follows NVME-NOTES.md "Bring-up": disable and wait (bounded by
 CAP.TO), program the admin queue, enable and wait, Identify, Set Features
-Number of Queues, then one I/O queue pair per CPU this process may run on,
-up to what the controller grants.  Timeouts follow Linux's nvme_timeout
-recipe: a fatal controller status resets at once; otherwise the command is
-aborted once, and if it still does not complete (or the abort fails, or an
-admin command times out) the controller is reset and the commands that
-were in flight are resubmitted by their callers.
+Number of Queues, then the I/O queue pairs its queue owners want, up to
+what the controller grants.
+
+A queue owner is whoever submits to and reaps a set of I/O queues: trio's
+own (TrioQueues, nvmefs/queue.py: the namespace API) and, in a mount, the
+lanes (nvmefs/lanes.py).  The controller creates their queues and hands
+them over (attach); around a reset it has each owner quiesce (stop using
+its queues) before the controller is disabled, detach (give up what was in
+flight) after, and attach the new queues once it is back up; when the
+controller is gone for good it fails them.
+
+Timeouts follow Linux's nvme_timeout recipe: a fatal controller status
+resets at once; otherwise the command is aborted once, and if it still
+does not complete (or the abort fails, or an admin command times out) the
+controller is reset and what was in flight is resubmitted.
 """
 import logging
 import struct
@@ -16,8 +25,8 @@ from contextlib import asynccontextmanager
 import psutil
 import trio
 
-from nvmefs.errors import ControllerError, NvmeError, error_from_status
-from nvmefs.queue import ControllerReset, IoQueue
+from nvmefs.errors import ControllerError, NvmeError, error_from_status, opcode_name
+from nvmefs.queue import ControllerReset, IoQueue, TrioQueues
 
 log = logging.getLogger("nvmefs.controller")
 
@@ -51,6 +60,8 @@ def parse_identify_controller(raw):
         "maxcmd": struct.unpack_from("<H", raw, 514)[0], "nn": struct.unpack_from("<I", raw, 516)[0],
         "oncs": oncs, "vwc": raw[525], "sgls": struct.unpack_from("<I", raw, 536)[0],
         "subnqn": _cstr(raw[768:1024]),
+        # Command Retry Delay Times, 100 ms units (a status's CRD picks one)
+        "crdt": struct.unpack_from("<HHH", raw, 134),
     }
 
 
@@ -79,10 +90,14 @@ class Controller:
 
     def __init__(self, transport, nursery, *, io_queues=None, queue_entries=256, admin_entries=64,
                  polled=False, timeout=10.0, admin_timeout=10.0, retries=3, max_transfer=None,
-                 bounce_bytes=16 << 20, spin_us=30, shadow_doorbells=None, lane_queue=False):
+                 bounce_bytes=16 << 20, spin_us=30, shadow_doorbells=None, owners=()):
+        """``io_queues``: trio's own I/O queues (default one per usable
+        CPU); ``owners``: further queue owners (the mount's lanes), served
+        after trio's."""
         self.transport = transport
         self.nursery = nursery
-        self.want_queues = io_queues or usable_cpus()
+        self.trio = TrioQueues(io_queues or usable_cpus(), bounce_bytes)
+        self.owners = [self.trio, *owners]
         self.queue_entries = queue_entries
         self.admin_entries = admin_entries
         self.polled = polled
@@ -97,21 +112,12 @@ class Controller:
         self._dbbuf = None
         self.dbbuf_active = False
         self.admin_q = None
-        self.io_qs = []
-        # one more I/O queue, beside the per-CPU ones, for a submitter
-        # outside trio (the FUSE lane thread's engine, _core/lane.pyx): it
-        # owns the queue whole, so nothing here submits to it or reaps it.
-        # lane_owner.lane_attach(q) gets every incarnation of it, and
-        # lane_detach() is called before one goes away.
-        self.lane_queue = lane_queue
-        self.lane_q = None
-        self.lane_owner = None
+        self.queues = []            # every I/O queue, in qid order
         self.namespaces = {}
         self.ready = trio.Event()
         self.generation = 0
         self.resets = 0
         self._reset_lock = trio.Lock()
-        self._rr = 0
         self.closed = False
         self.id_ctrl = {}
         self.nvm_limits = {}
@@ -172,34 +178,34 @@ class Controller:
 
         await self._setup_dbbuf()
 
-        lane = 1 if self.lane_queue else 0
-        n = min(self.want_queues + lane, t.max_vectors() - 1)
+        want = sum(o.wants for o in self.owners)
+        n = min(want, t.max_vectors() - 1)
         dw0, _ = await self.admin(ADM_SET_FEATURES, cdw10=FEAT_NUM_QUEUES, cdw11=(n - 1) | ((n - 1) << 16))
         n = min(n, (dw0 & 0xFFFF) + 1, (dw0 >> 16) + 1)
-        if n < 2:
-            lane = 0            # the trio queues come first
         entries = min(self.queue_entries, self.mqes + 1)
-        self.io_qs = []
-        self.lane_q = None
-        for qid in range(1, n + 1):
-            is_lane = lane and qid == n
-            # the lane's requests bring their own DMA buffers: no bounce pool
-            q = IoQueue(t, qid, entries, max_transfer=self.max_transfer, sgls=self.sgls,
-                        polled=self.polled, bounce_bytes=0 if is_lane else self.bounce_bytes,
-                        spin_ns=self.spin_ns)
-            ien = 0 if self.polled else 1
-            await self.admin(ADM_CREATE_CQ, cdw10=qid | ((entries - 1) << 16),
-                             cdw11=1 | (ien << 1) | (qid << 16), prp1=q.qp.cq_iova)
-            await self.admin(ADM_CREATE_SQ, cdw10=qid | ((entries - 1) << 16),
-                             cdw11=1 | (qid << 16), prp1=q.qp.sq_iova)
-            if self.dbbuf_active:
-                q.qp.set_shadow(*self._dbbuf, self.dstrd)
-            if is_lane:
-                q.lane = True
-                self.lane_q = q
-            else:
-                await self.nursery.start(q.run)
-                self.io_qs.append(q)
+        self.queues = []
+        plan, qid = [], 1
+        for owner in self.owners:
+            mine = []
+            # in order of the owners: trio's own first
+            for _ in range(min(owner.wants, n + 1 - qid)):
+                q = IoQueue(t, qid, entries, max_transfer=self.max_transfer, sgls=self.sgls,
+                            polled=self.polled, bounce_bytes=owner.bounce_bytes, spin_ns=self.spin_ns)
+                q.owner = owner.name
+                ien = 0 if self.polled else 1
+                await self.admin(ADM_CREATE_CQ, cdw10=qid | ((entries - 1) << 16),
+                                 cdw11=1 | (ien << 1) | (qid << 16), prp1=q.qp.cq_iova)
+                await self.admin(ADM_CREATE_SQ, cdw10=qid | ((entries - 1) << 16),
+                                 cdw11=1 | (qid << 16), prp1=q.qp.sq_iova)
+                if self.dbbuf_active:
+                    q.qp.set_shadow(*self._dbbuf, self.dstrd)
+                mine.append(q)
+                self.queues.append(q)
+                qid += 1
+            if not mine and owner.wants:
+                raise ControllerError(f"{t.name}: the controller granted {n} I/O queue(s), none left for "
+                                      f"the {owner.name} (which needs {owner.wants})")
+            plan.append((owner, mine))
 
         nsids = struct.unpack("<1024I", await self.identify(2))
         from nvmefs.namespace import Namespace
@@ -216,33 +222,17 @@ class Controller:
         for gone in set(self.namespaces) - seen:
             del self.namespaces[gone]
         self.generation += 1
-        if self.lane_q is not None and self.lane_owner is not None:
-            self.lane_owner.lane_attach(self.lane_q)
+        for owner, mine in plan:
+            await owner.attach(self, mine)
         self.ready.set()
 
-    def set_lane_owner(self, owner):
-        """Hand the lane queue (lane_queue=True) to ``owner`` (see
-        __init__), or take it back (None).  False when the controller
-        granted no queue for it: nobody owns it then."""
-        if owner is None:
-            self._lane_detach()
-            self.lane_owner = None
-            return True
-        if self.lane_owner is not None:
-            raise RuntimeError("the lane queue already has an owner")
-        if self.lane_q is None:
-            return False
-        self.lane_owner = owner
-        if self.ready.is_set():
-            owner.lane_attach(self.lane_q)
-        return True
-
-    def _lane_detach(self):
-        if self.lane_owner is not None and self.lane_q is not None and not self.lane_q.dead:
-            self.lane_owner.lane_detach()
+    @property
+    def io_qs(self):
+        """trio's own I/O queues (the namespace API's)."""
+        return self.trio.queues
 
     def _all_queues(self):
-        return [self.admin_q] + self.io_qs + ([self.lane_q] if self.lane_q is not None else [])
+        return [self.admin_q] + self.queues
 
     async def _disable(self):
         cc = self.transport.read32(REG_CC)
@@ -379,10 +369,17 @@ class Controller:
         return (await self.admin(ADM_SET_FEATURES, cdw10=fid, cdw11=cdw11))[0]
 
     def pick_queue(self):
-        """I/O queue for the next command: round robin over the per-CPU queues
-        (one trio thread submits to all of them)."""
-        self._rr = (self._rr + 1) % len(self.io_qs)
-        return self.io_qs[self._rr]
+        """I/O queue for the next command of trio's: round robin over its
+        queues (one trio thread submits to all of them)."""
+        return self.trio.pick()
+
+    @property
+    def _rr(self):
+        return self.trio.rr
+
+    @_rr.setter
+    def _rr(self, value):
+        self.trio.rr = value
 
     # -- recovery ----------------------------------------------------------------
 
@@ -396,6 +393,7 @@ class Controller:
         while True:
             await trio.sleep(tick)
             now = trio.current_time()
+            # the lanes watch their own commands: timed_out() below
             for q in [self.admin_q] + self.io_qs:
                 if q is None or q.dead:
                     continue
@@ -403,16 +401,30 @@ class Controller:
                     if slot.deadline <= now and not slot.timed_out:
                         slot.timed_out = True
                         self.nursery.start_soon(self._on_timeout, q, slot)
-            q, owner = self.lane_q, self.lane_owner
-            if q is not None and owner is not None and not q.dead and self.ready.is_set():
-                for cid, opcode in owner.lane_expired(self.timeout):
-                    self.nursery.start_soon(self._on_timeout, q, _LaneCommand(owner, cid, opcode))
+
+    async def timed_out(self, qid, cid, opcode, escalate, generation):
+        """A queue owner's command (qid, cid) is past the timeout; with
+        ``escalate``, past twice the timeout after its abort.  The same
+        recipe as for trio's own commands: reset on a fatal status or once
+        the abort did not help, else abort it."""
+        if generation != self.generation or not self.ready.is_set() or self.closed:
+            return          # that queue is gone: a reset took the command
+        log.warning("%s: I/O command %s cid %d on queue %d %s", self.transport.name,
+                    opcode_name(opcode), cid, qid,
+                    "still outstanding after its abort" if escalate else "timed out")
+        try:
+            if escalate or self.fatal():
+                await self.reset("controller fatal status" if self.fatal() else "command timeout", generation)
+                return
+            dw0, _ = await self.admin(ADM_ABORT, cdw10=qid | (cid << 16))
+            log.warning("abort of cid %d on queue %d: %s", cid, qid,
+                        "command aborted" if not dw0 & 1 else "command not aborted")
+        except (NvmeError, ControllerReset, ControllerError) as exc:
+            log.warning("abort of cid %d on queue %d failed: %s", cid, qid, exc)
 
     async def _on_timeout(self, q, slot):
         gen = self.generation
         if not self.ready.is_set():
-            if q.lane:
-                return      # a reset is under way: its detach hands the request over
             # during bring-up there is nothing to reset to: give up clearly
             q.fail_slot(slot, ControllerError(
                 f"{self.transport.name}: controller stopped answering "
@@ -457,37 +469,48 @@ class Controller:
                 log.warning("%s: resetting controller (%s)", self.transport.name, reason)
                 self.ready = trio.Event()
                 exc = ControllerReset(reason)
+                disabled = False
                 try:
-                    # no new lane commands while the controller is disabled
-                    # (its buffers are reused only once the bring-up made a
-                    # new lane queue, after the disable)
-                    self._lane_detach()
-                    # Quiesced first (Linux's nvme_reset_work disables before
-                    # it cancels anything): until CSTS.RDY=0 a slow, not
-                    # dead, controller may still write into the CQs and
-                    # bounce chunks that are failed, freed and reused below.
+                    # Every owner stops using its queues first, then the
+                    # controller is quiesced (Linux's nvme_reset_work
+                    # disables before it cancels anything): until CSTS.RDY=0
+                    # a slow, not dead, controller may still write into the
+                    # CQs and buffers that are failed, freed and reused below.
+                    for owner in self.owners:
+                        await owner.quiesce()
                     try:
                         await self._disable()
+                        disabled = True
                     except ControllerError as err:
                         # it will not even stop: tear down regardless (the
                         # bring-up tries again, and fails the controller)
                         log.error("%s", err)
-                    old = self._all_queues()
-                    for q in old:
-                        q.fail_all(exc)
-                    for q in old:
-                        if q.cancel_scope is not None:
-                            await q.finished.wait()
-                        q.close()
+                    for owner in self.owners:
+                        owner.detach(exc)
+                    await self._close_queues(exc)
                     await self._bring_up()
                 except BaseException as err:
                     # whatever stopped the bring-up, waiters must see a closed
                     # controller rather than wait for ever
                     self.closed = True
                     self.ready.set()
+                    with trio.CancelScope(shield=True):
+                        for owner in self.owners:
+                            await owner.fail(dma_unsafe=not disabled)
                     if isinstance(err, Exception) and not isinstance(err, ControllerError):
                         raise ControllerError(f"{self.transport.name}: reset failed: {err}") from err
                     raise
+
+    async def _close_queues(self, exc):
+        old = self._all_queues()
+        for q in old:
+            if q is not None:
+                q.fail_all(exc)
+        for q in old:
+            if q is not None:
+                if q.cancel_scope is not None:
+                    await q.finished.wait()
+                q.close()
 
     # -- shutdown ----------------------------------------------------------------
 
@@ -510,8 +533,11 @@ class Controller:
                         await ns.flush()
                     except (NvmeError, ControllerReset) as exc:
                         log.warning("flush of namespace %d at shutdown failed: %s", ns.nsid, exc)
-                self._lane_detach()
-                for q in reversed(self.io_qs + ([self.lane_q] if self.lane_q is not None else [])):
+                # an owner still serving (the lanes, when the mount did not
+                # stop them) lets go of its queues before they are deleted
+                for owner in self.owners[1:]:
+                    await owner.quiesce()
+                for q in reversed(self.queues):
                     await self.admin(ADM_DELETE_SQ, cdw10=q.qid)
                     await self.admin(ADM_DELETE_CQ, cdw10=q.qid)
             cc = t.read32(REG_CC)
@@ -526,15 +552,10 @@ class Controller:
             log.warning("%s: clean shutdown failed: %s", t.name, exc)
         finally:
             self.closed = True
-            self._lane_detach()
-            for q in self._all_queues():
-                if q is not None:
-                    q.fail_all(ControllerError("controller shut down"))
-            for q in self._all_queues():
-                if q is not None:
-                    if q.cancel_scope is not None:
-                        await q.finished.wait()
-                    q.close()
+            exc = ControllerError("controller shut down")
+            for owner in self.owners:
+                await owner.fail(dma_unsafe=False)
+            await self._close_queues(exc)
 
     def stats(self):
         return {"transport": self.transport.name, "resets": self.resets,
@@ -552,27 +573,6 @@ class Controller:
                 except Exception as exc:
                     log.error("%s", exc)
                     return
-
-
-class _LaneCommand:
-    """A lane queue command past its deadline, as the timeout recipe
-    (Controller._on_timeout) sees a slot: the lane engine completes it in
-    its own thread, so whether it is done is asked of the owner."""
-
-    def __init__(self, owner, cid, opcode):
-        self.owner = owner
-        self.cid = cid
-        self.opcode = opcode
-        self.aborting = False
-        self.timed_out = True
-        self.event = self
-
-    def is_set(self):
-        return not self.owner.lane_command_in_flight(self.cid)
-
-    async def wait(self):
-        while not self.is_set():
-            await trio.sleep(0.005)
 
 
 @asynccontextmanager

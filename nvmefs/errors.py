@@ -17,8 +17,10 @@ __all__ = [
     "PrpLayoutError",
     "QueueBusy",
     "SglLayoutError",
+    "UsageError",
     "error_from_status",
     "opcode_name",
+    "unwrap",
 ]
 
 ADMIN_OPCODES = {
@@ -51,6 +53,17 @@ def opcode_name(opcode: int, *, admin: bool = False) -> str:
     table = ADMIN_OPCODES if admin else IO_OPCODES
     name = table.get(opcode)
     return name if name is not None else f"opcode 0x{opcode:02X}"
+
+
+class UsageError(Exception):
+    """Bad input from the command line: printed as one line, exit status 2."""
+
+
+def unwrap(exc):
+    """The single real error inside trio's exception groups."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc
 
 
 class QueueBusy(Exception):

@@ -2,33 +2,38 @@
 
 Everything that can be checked is checked before anything is created or
 mounted, so bad input exits with one line and leaves the image untouched.
-SIGINT, SIGTERM and `fusermount3 -u` all end the same way: unmount, NVMe
-Flush, controller shutdown, exit 0.  Further signals during that shutdown
-are ignored (logged), so the image is never left half-written.
+
+The data path is the lanes' (nvmefs/lanes.py): one per CPU, each with its
+own FUSE channel and NVMe queue pair.  pyfuse3 serves the rest in trio,
+fed by the lanes through the FUSE shim (nvmefs/fuseshim.py).
+
+Ending, in order: the mount goes away (`fusermount3 -u`; or on SIGINT,
+SIGTERM, SIGHUP a lazy unmount, which lets files still open be served
+until they close, for up to SHUTDOWN_GRACE seconds), the lanes stop taking
+requests and answer every one they took, pyfuse3 answers what it holds,
+then the controller flushes and shuts down, and the process exits 0.
+Signals during that are logged and ignored, so the image is never left
+half-written.
 """
-import errno
+import ctypes
 import logging
 import os
 import shutil
 import signal
-import stat
+import subprocess
 import sys
 
-from nvmefs import fuseshim  # noqa: F401  (before pyfuse3 binds libfuse: adds fallocate)
+from nvmefs import fuseshim  # noqa: F401  (before pyfuse3 binds libfuse)
 import pyfuse3
 import trio
 
+from nvmefs.errors import UsageError, unwrap
+from nvmefs.image import check_image, default_image
 
 log = logging.getLogger("nvmefs.mount")
 
-
-class UsageError(Exception):
-    """Bad input: printed as one line, exit status 2."""
-
-
-def default_image():
-    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
-    return os.path.join(base, "nvmefs", "nvme0.img")
+SHUTDOWN_GRACE = 30.0
+MNT_DETACH = 2
 
 
 def check_mountpoint(path):
@@ -51,162 +56,119 @@ def check_fuse():
         raise UsageError("no permission on /dev/fuse: run as root or join the group that owns it")
 
 
-def check_image(path, size, lba_size, create):
-    """Returns True when the image must be created."""
-    if os.path.exists(path):
-        if not os.path.isfile(path):
-            raise UsageError(f"image {path} is not a regular file")
-        if not os.access(path, os.R_OK | os.W_OK):
-            raise UsageError(f"image {path} is not writable")
-        return False
-    if not create:
-        raise UsageError(f"image {path} does not exist")
-    if size % lba_size:
-        raise UsageError(f"size {size} is not a multiple of the LBA size {lba_size}")
-    if size < 1 << 20:
-        raise UsageError(f"size {size} is too small (at least 1 MiB)")
-    parent = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(parent):
-        try:
-            os.makedirs(parent, exist_ok=True)
-        except OSError as exc:
-            raise UsageError(f"cannot create {parent}: {exc.strerror}") from None
-    if not os.access(parent, os.W_OK):
-        raise UsageError(f"cannot create image in {parent}: not writable")
-    return True
+def detach(mountpoint):
+    """A lazy unmount (umount -l): no new opens; files still open are served
+    until closed, and the connection ends when the last one is."""
+    if os.geteuid() == 0:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.umount2(os.fsencode(mountpoint), MNT_DETACH) == 0:
+            return
+        log.warning("lazy unmount of %s: %s", mountpoint, os.strerror(ctypes.get_errno()))
+        return
+    r = subprocess.run(["fusermount3", "-u", "-z", mountpoint], capture_output=True, text=True)
+    if r.returncode:
+        log.warning("fusermount3 -u -z %s: %s", mountpoint, r.stderr.strip())
 
 
 async def serve(args, transport, ready_fd=None):
     from nvmefs.controller import open_controller
     from nvmefs.fusefs import NvmeFS
+    from nvmefs.lanes import Lanes, lane_cpus
 
-    threaded = not args.no_direct_lane and not args.no_lane_thread
-    lane_queue = threaded and not args.no_lane_queue
-    async with open_controller(transport, io_queues=args.queues, queue_entries=args.queue_depth + 1,
-                               polled=args.polled, spin_us=args.spin_us, lane_queue=lane_queue) as ctrl:
-        fs = NvmeFS(ctrl, direct_io=not args.page_cache)
-        if lane_queue and not fs.start_engine():
-            log.info("the controller granted no I/O queue for the lane thread: it runs the direct lane "
-                     "on the shared queues")
+    lanes = Lanes(transport.arena, lane_cpus(args.lanes), spin_ns=args.spin_us * 1000)
+    async with open_controller(transport, io_queues=1, queue_entries=args.queue_depth + 1,
+                               polled=args.polled, spin_us=args.spin_us, owners=[lanes]) as ctrl:
+        fs = NvmeFS(ctrl, lanes, direct_io=not args.page_cache, extra_stats={"fuse": fuseshim.stats})
         options = set(pyfuse3.default_options)
         options |= {"fsname=nvmefs", "subtype=nvmefs"}
         if os.getuid() == 0:
             options.add("allow_other")
-        fuseshim.set_fallocate_handler(fs.fallocate_request)
-        # with the engine, what it declines goes straight to pyfuse3's
-        # handlers: DirectLane would decline it too
-        if not args.no_direct_lane and fs.engine is None:
-            fuseshim.set_lane(fs.lane_read, fs.lane_write)
-        hooked, laned = fuseshim.sessions_hooked(), fuseshim.lane_sessions()
-        fuseshim.arm_lane_thread(threaded)
-        fuseshim.set_engine(fs.engine)
+        fuseshim.arm(lanes.set.max_write, lanes.max_background)
         try:
             pyfuse3.init(fs, args.mountpoint, options)
         except BaseException:
-            fuseshim.lane_close()       # the session may exist, its pipe does
-            fuseshim.set_engine(None)
+            fuseshim.close()
             raise
-        finally:
-            fuseshim.arm_lane_thread(False)
-        if fuseshim.lane_threaded():
-            fs.lane_thread = fuseshim.LaneThread()
-        elif fs.engine is not None:
-            # the session did not get the thread: nothing drives the engine
-            fuseshim.set_engine(None)
-            fs.drop_engine()
-            fuseshim.set_lane(fs.lane_read, fs.lane_write)
-        if fuseshim.sessions_hooked() == hooked:
-            log.warning("fallocate is not available on this mount (EOPNOTSUPP), nor the direct lane: "
-                        "the nvmefs._fuseshim hook did not reach libfuse's fuse_session_new (not built, "
-                        "or pyfuse3 built against libfuse >= 3.17 headers)")
-        fs.lane_on = not args.no_direct_lane and fuseshim.lane_sessions() > laned
         state = {"unmounted": False}
         try:
-            names = [f"{args.mountpoint.rstrip('/')}/{fs._name(n).decode()}" for n in sorted(ctrl.namespaces)]
-            print(f"nvmefs: {transport.name} mounted on {args.mountpoint}: " + " ".join(names), flush=True)
-            if ready_fd is not None:
-                os.write(ready_fd, b"ok\n")
-                os.close(ready_fd)
-            # Installed first so that the signal receiver below restores them
-            # when it closes: from then on, through shutdown, signals are
-            # logged and ignored and can never interrupt the NVMe shutdown.
-            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-                signal.signal(sig, lambda n, f: log.warning("shutdown in progress; signal ignored"))
-            # fallocate requests run here, outside pyfuse3's workers; the
-            # nursery drains them after pyfuse3.main() has returned
-            async with trio.open_nursery() as requests:
-                fs.nursery = requests
-                if fs.lane_thread is not None:
-                    fs.lane_thread.start()
-                await _serve_until_unmounted(state, requests.cancel_scope)
-                if fs.lane_thread is not None:
-                    # before the drain and the controller's shutdown: from
-                    # here on nothing reads /dev/fuse until the unmount.
-                    # The nursery still takes the tasks its last answers
-                    # may need (a failed command's retry).
-                    fs.lane_thread.stop()
-                    if fs.lane_thread.result:
-                        state["unmounted"] = False      # it failed; the kernel still has us
-                        state["failed"] = f"the lane thread failed: {fs.lane_thread.result!r}"
-                fs.nursery = None
-                with trio.move_on_after(60):
-                    while requests.child_tasks:
-                        await trio.sleep(0.01)
-                requests.cancel_scope.cancel()
+            if fuseshim.sessions() == 0 or fuseshim.session_fd() < 0:
+                raise RuntimeError("the FUSE shim did not see pyfuse3's session (pyfuse3 built against "
+                                   "libfuse >= 3.17 headers, or libfuse bound before nvmefs._fuseshim)")
+            fuseshim.route_replies()
+            await _serve(args, transport, fs, lanes, state, ready_fd)
         finally:
-            if fs.lane_thread is not None:
-                fs.lane_thread.stop()
             pyfuse3.close(unmount=not state["unmounted"])
-            fuseshim.lane_close()
-            fuseshim.set_engine(None)
-            fuseshim.set_fallocate_handler(None)
-            fuseshim.set_lane(None, None)
-    if state.get("failed"):
-        print(f"nvmefs: error: {state['failed']}; {args.mountpoint} unmounted, controller shut down",
+            lanes.close()
+            fuseshim.close()
+    errs = lanes.exit_errors
+    if errs:
+        print(f"nvmefs: error: lane(s) {sorted(errs)} failed reading /dev/fuse "
+              f"({os.strerror(-next(iter(errs.values())))}); {args.mountpoint} unmounted, controller shut down",
               file=sys.stderr, flush=True)
         return 1
     print(f"nvmefs: {args.mountpoint} unmounted, controller shut down cleanly", flush=True)
     return 0
 
 
-async def _serve_until_unmounted(state, requests_scope):
+async def _serve(args, transport, fs, lanes, state, ready_fd):
     async with trio.open_nursery() as nursery:
-        async def on_signal():
-            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as sigs:
-                async for sig in sigs:
-                    log.warning("%s: unmounting once requests in flight are answered",
-                                signal.Signals(sig).name)
-                    # stop taking requests, let running handlers finish
-                    # (no half-done read-modify-write), then unmount
-                    state["signalled"] = True
-                    pyfuse3.terminate()
-                    break
-                with trio.move_on_after(60):
-                    async for sig in sigs:
-                        log.warning("%s: shutdown in progress; signal ignored",
-                                    signal.Signals(sig).name)
-                log.error("requests still running after 60 s: cancelling them")
-                nursery.cancel_scope.cancel()
-                requests_scope.cancel()
+        await nursery.start(lanes.run)
+        lanes.start(fuseshim.session_fd(), fuseshim.forwarder())
+        names = [f"{args.mountpoint.rstrip('/')}/{fs.name_of(n)}" for n in sorted(fs.ctrl.namespaces)]
+        print(f"nvmefs: {transport.name} mounted on {args.mountpoint} ({lanes.count} lane"
+              f"{'s' if lanes.count > 1 else ''}): " + " ".join(names), flush=True)
+        if ready_fd is not None:
+            os.write(ready_fd, b"ok\n")
+            os.close(ready_fd)
+        # Installed first so that the signal receiver below restores them
+        # when it closes: from then on, through shutdown, signals are
+        # logged and ignored and can never interrupt the NVMe shutdown.
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, lambda n, f: log.warning("shutdown in progress; signal ignored"))
+        nursery.start_soon(_on_signals, args.mountpoint, lanes)
+        pyfuse3_done = trio.Event()
 
-        async def fuse_main():
-            await pyfuse3.main(min_tasks=8, max_tasks=256)
-            # ended by fusermount3 -u unless we terminated it on a signal
-            state["unmounted"] = not state.get("signalled")
-            nursery.cancel_scope.cancel()
+        async def pyfuse3_main():
+            try:
+                await pyfuse3.main(min_tasks=4, max_tasks=64)
+            finally:
+                pyfuse3_done.set()
+        nursery.start_soon(pyfuse3_main)
+        # the lanes end when the connection does: unmounted (or, after a
+        # signal, the last open file closed, or the grace time over)
+        await lanes.ended.wait()
+        # ENODEV: the connection is gone; else (stopped, or a lane failed)
+        # it still is, and pyfuse3.close() unmounts
+        state["unmounted"] = not lanes.stopped_early and not lanes.exit_errors
+        # pyfuse3's loop ends once it has taken the requests still queued
+        fuseshim.end()
+        with trio.move_on_after(SHUTDOWN_GRACE):
+            await pyfuse3_done.wait()
+        nursery.cancel_scope.cancel()
 
-        nursery.start_soon(on_signal)
-        nursery.start_soon(fuse_main)
+
+async def _on_signals(mountpoint, lanes):
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as sigs:
+        async for sig in sigs:
+            log.warning("%s: unmounting; files still open are served until closed (at most %.0f s)",
+                        signal.Signals(sig).name, SHUTDOWN_GRACE)
+            detach(mountpoint)
+            break
+        with trio.move_on_after(SHUTDOWN_GRACE):
+            async for sig in sigs:
+                log.warning("%s: shutdown in progress; signal ignored", signal.Signals(sig).name)
+        log.warning("files of %s still open after %.0f s: closing the connection", mountpoint, SHUTDOWN_GRACE)
+        lanes.stopped_early = True
+        await lanes.stop()
+        async for sig in sigs:
+            log.warning("%s: shutdown in progress; signal ignored", signal.Signals(sig).name)
 
 
 def run_mount(args):
-    from nvmefs.transport import ModelTransport
-
     args.mountpoint = os.path.abspath(args.mountpoint)
     check_mountpoint(args.mountpoint)
     check_fuse()
     if args.device:
-        from nvmefs.vfio import run_mount_device
         return run_mount_device(args)
     image = args.image or default_image()
     create = check_image(image, args.size, args.lba_size, create=True)
@@ -218,10 +180,10 @@ def run_mount(args):
         _core.create_image(image, tuple((per, args.lba_size) for _ in range(args.namespaces)))
         print(f"nvmefs: created sparse image {image} ({args.namespaces} x {per} bytes, "
               f"{args.lba_size}-byte LBAs)", flush=True)
+    from nvmefs.transport import ModelTransport
     try:
         transport = ModelTransport(image, create=False, sgl=args.sgl, vwc=args.write_cache == "on",
-                                   max_io_queues=max(args.queues or 0, 64), mdts=args.mdts,
-                                   idle_spin_us=args.model_idle_us)
+                                   max_io_queues=64, mdts=args.mdts, idle_spin_us=args.model_idle_us)
     except Exception as exc:
         if create:
             os.unlink(image)        # we made it a moment ago: leave nothing behind
@@ -231,12 +193,29 @@ def run_mount(args):
     return serve_transport(args, transport)
 
 
+def run_mount_device(args):
+    """``nvmefs mount --device vfio:BDF MOUNTPOINT``: no image to check or create."""
+    from nvmefs.lanes import Lanes, lane_cpus
+    from nvmefs.vfio import arena_for, open_transport
+
+    if args.background and not args.ready_fd:
+        return spawn_background(args)
+    n = len(lane_cpus(args.lanes))
+    try:
+        # trio's one queue with its bounce pool, and the lanes' queues and
+        # buffers (pinned: every byte of the arena is)
+        arena = arena_for(1) + arena_for(n, bounce_bytes=0, extra=Lanes.dma_bytes(n))
+        transport = open_transport(args.device, arena_size=arena)
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"cannot open device {args.device}: {exc}") from None
+    return serve_transport(args, transport)
+
+
 def serve_transport(args, transport):
     """Serve until unmounted, then close the transport (any transport)."""
     try:
         rc = trio.run(serve, args, transport, args.ready_fd)
     except Exception as exc:
-        from nvmefs.cli import unwrap
         exc = unwrap(exc)
         if isinstance(exc, RuntimeError):     # pyfuse3.init failures
             print(f"nvmefs: error: cannot mount on {args.mountpoint}: {exc}", file=sys.stderr)
@@ -261,7 +240,6 @@ def spawn_background(args):
     """Run the daemon as a child and return once it reports the mount ready.
     The child's output goes to a log file (so that `$(nvmefs mount -b ...)`
     returns), whose tail is shown if the child fails to mount."""
-    import subprocess
     logfile = log_path(args.mountpoint)
     os.makedirs(os.path.dirname(logfile), exist_ok=True)
     r, w = os.pipe()

@@ -131,17 +131,12 @@ class Namespace:
     # Errors and resets leave through _command's retry rules, as on the
     # general path.
 
-    def _fast_adopt(self, pending, opcode, now=None):
+    def _fast_adopt(self, pending, opcode):
         """A first attempt still in flight becomes (queue, chunks, slot):
-        waited for like any submitted command.  Whoever does not go on to
-        _fast_finish() without a scheduling point must call this first, or
-        another task's reap would find no slot for the completion.  ``now``:
-        trio's clock, for a caller outside the trio thread (the lane thread)."""
+        waited for like any submitted command."""
         q, chunks, rc = pending
         if type(rc) is int and rc < 0:
-            if now is None:
-                now = trio.current_time()
-            return q, chunks, q.adopt(-1 - rc, opcode, now + self.ctrl.timeout)
+            return q, chunks, q.adopt(-1 - rc, opcode, trio.current_time() + self.ctrl.timeout)
         return pending
 
     async def _fast_finish(self, q, chunks, rc, opcode, lba, nbytes, data_in, window):
@@ -170,12 +165,7 @@ class Namespace:
         # there would take the pool away
         result = None
         if opcode == IO_READ:
-            if len(chunks) > 1:     # the lane's queued commands: any number of chunks
-                if window is not None:
-                    result = _core.bounce_gather(bounce.buf, bounce.chunk, chunks, window[0], window[1])
-                else:
-                    bounce.copy_out(chunks, data_in, nbytes)
-            elif window is not None:
+            if window is not None:
                 result = bytes(bounce.view[off + window[0]:off + window[0] + window[1]])
             else:
                 data_in[:nbytes] = bounce.view[off:off + nbytes]

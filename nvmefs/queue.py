@@ -13,7 +13,7 @@ import os
 import trio
 
 from nvmefs import _core
-from nvmefs.errors import QueueBusy
+from nvmefs.errors import ControllerError, QueueBusy
 
 log = logging.getLogger("nvmefs.queue")
 
@@ -127,7 +127,7 @@ class IoQueue:
         self.kick = trio.Event()
         self.bounce = BouncePool(transport.arena, bounce_chunk, max(1, bounce_bytes // bounce_chunk)) \
             if qid and bounce_bytes else None
-        self.lane = False          # Controller.lane_q: submitted to and reaped outside trio
+        self.owner = "trio"        # the queue owner's name (Controller._bring_up)
         self.busy_waits = 0
         self.dead = False
         self.cancel_scope = None
@@ -297,8 +297,7 @@ class IoQueue:
 
     def stats(self):
         s = self.qp.stats()
-        if self.lane:
-            s["lane"] = True
+        s["owner"] = self.owner
         s["busy_waits"] = self.busy_waits
         s["interrupts"] = self.interrupts
         s["polled_completions"] = self.spun + self.fast_path
@@ -310,3 +309,42 @@ class IoQueue:
     def close(self):
         if self.bounce is not None:
             self.bounce.close()
+
+
+class TrioQueues:
+    """trio's own I/O queues, as a queue owner of the controller
+    (controller.py): the namespace API submits to them from trio's thread,
+    round robin, and each one's completion task delivers to its slots."""
+
+    name = "trio"
+
+    def __init__(self, count, bounce_bytes):
+        self.wants = count
+        self.bounce_bytes = bounce_bytes
+        self.queues = []
+        self.rr = 0
+
+    async def attach(self, ctrl, queues):
+        for q in queues:
+            await ctrl.nursery.start(q.run)
+        self.queues = queues
+
+    async def quiesce(self):
+        """Nothing to do: trio submits nothing while a reset runs (the
+        controller's ready event is clear), and its completion tasks only
+        deliver."""
+
+    def detach(self, exc):
+        """The controller was disabled: every waiter gets ``exc`` and
+        resubmits once the controller is back."""
+        for q in self.queues:
+            q.fail_all(exc)
+
+    async def fail(self, dma_unsafe=False):
+        """The controller is gone for good (or shut down)."""
+        for q in self.queues:
+            q.fail_all(ControllerError("the controller is gone"))
+
+    def pick(self):
+        self.rr = (self.rr + 1) % len(self.queues)
+        return self.queues[self.rr]

@@ -96,29 +96,9 @@ def find_nvme_functions(sysfs="/sys"):
     return sorted(out)
 
 
-def arena_for(io_queues, bounce_bytes=16 << 20, lane=True):
-    """DMA memory a controller with ``io_queues`` queues needs: each queue's
-    bounce pool, plus rings and per-command list pages (a few MiB a queue),
-    and for the mount's lane queue (``lane``) its rings and the lane
-    engine's receive buffers."""
-    size = (io_queues + 1) * (bounce_bytes + (8 << 20)) + (32 << 20)
-    if lane:
-        size += (8 << 20) + _core.LANE_BUFFERS * (_core.LANE_BUFSIZE + 4096)
-    return size
-
-
-def run_mount_device(args):
-    """``nvmefs mount --device vfio:BDF MOUNTPOINT``: mount.run_mount hands
-    over here when --device is given (no image to check or create)."""
-    from nvmefs.controller import usable_cpus
-    from nvmefs.mount import UsageError, serve_transport, spawn_background
-
-    if args.background and not args.ready_fd:
-        return spawn_background(args)
-    try:
-        # pinned memory: the lane engine's buffers only when it will run
-        lane = not (args.no_direct_lane or args.no_lane_thread or args.no_lane_queue)
-        transport = open_transport(args.device, arena_size=arena_for(args.queues or usable_cpus(), lane=lane))
-    except (OSError, ValueError) as exc:
-        raise UsageError(f"cannot open device {args.device}: {exc}") from None
-    return serve_transport(args, transport)
+def arena_for(io_queues, bounce_bytes=16 << 20, extra=0):
+    """DMA memory a controller with ``io_queues`` I/O queues needs: each
+    queue's bounce pool, plus rings and per-command list pages (a few MiB a
+    queue), plus ``extra`` (what the queues' owner brings: the lanes'
+    buffers)."""
+    return io_queues * (bounce_bytes + (8 << 20)) + (32 << 20) + extra

@@ -1,0 +1,258 @@
+/* Hand-written C (see shim.h): the requests the lanes forward to pyfuse3,
+ * and the way pyfuse3's replies find the channel each came from.
+ *
+ * A lane calls nvmefs_forward() from its own thread: the request is copied,
+ * its reply channel recorded by unique id, and queued; one byte in a pipe
+ * tells pyfuse3's loop (which polls the pipe as its fuse_session_fd()) that
+ * a request waits, so pyfuse3 sees requests in arrival order.  libfuse
+ * writes every reply through nvmefs_forward_writev() (custom I/O), which
+ * sends it on the recorded channel: the kernel finds a request only on the
+ * channel that read it.  This is the control plane's path; the mutex here
+ * is never taken for a read or a write. */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+#include <linux/fuse.h>
+
+#include "shim.h"
+
+struct fwd {
+    struct fwd *next;
+    void *mem;
+    size_t size;
+};
+
+/* unique -> channel of a request pyfuse3 holds */
+struct route {
+    struct route *next;
+    uint64_t unique;
+    int fd;
+};
+
+#define ROUTE_BUCKETS 1024
+
+static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
+static struct fwd *head, *tail;
+static struct route *routes[ROUTE_BUCKETS];
+static int pipe_fd[2] = {-1, -1};
+static atomic_ulong st_forwarded, st_routed, st_unrouted;
+
+static unsigned bucket(uint64_t unique)
+{
+    return (unsigned)((unique >> 1) * 0x9E3779B97F4A7C15ull >> 54) % ROUTE_BUCKETS;
+}
+
+int nvmefs_forward_open(void)
+{
+    if (pipe_fd[0] >= 0)
+        return 0;
+    /* non-blocking on both ends: a lane never waits on pyfuse3 here, and
+     * pyfuse3's loop reads only once poll() said so */
+    if (pipe2(pipe_fd, O_CLOEXEC | O_NONBLOCK) < 0)
+        return -errno;
+    /* room for every request in flight at once, so that a lane's write of
+     * the byte does not fail under load */
+    fcntl(pipe_fd[1], F_SETPIPE_SZ, 1 << 20);
+    return 0;
+}
+
+int nvmefs_forward_fd(void)
+{
+    return pipe_fd[0];
+}
+
+static int needs_reply(uint32_t opcode)
+{
+    return opcode != FUSE_FORGET && opcode != FUSE_BATCH_FORGET && opcode != FUSE_INTERRUPT;
+}
+
+int nvmefs_forward(const void *req, size_t len, int reply_fd)
+{
+    const struct fuse_in_header *in = req;
+    struct fwd *f = malloc(sizeof *f);
+    struct route *r = NULL;
+    void *mem = malloc(len);
+    char one = 1;
+    ssize_t n;
+    int err;
+
+    if (needs_reply(in->opcode))
+        r = malloc(sizeof *r);
+    if (f == NULL || mem == NULL || (needs_reply(in->opcode) && r == NULL)) {
+        err = ENOMEM;
+        goto fail;
+    }
+    memcpy(mem, req, len);
+    f->next = NULL;
+    f->mem = mem;
+    f->size = len;
+    pthread_mutex_lock(&mu);
+    if (pipe_fd[1] < 0) {
+        pthread_mutex_unlock(&mu);
+        err = ENOTCONN;
+        goto fail;
+    }
+    if (r != NULL) {
+        unsigned b = bucket(in->unique);
+        r->unique = in->unique;
+        r->fd = reply_fd;
+        r->next = routes[b];
+        routes[b] = r;
+    }
+    if (tail != NULL)
+        tail->next = f;
+    else
+        head = f;
+    tail = f;
+    /* the byte after the record: a reader woken by it finds the record */
+    while ((n = write(pipe_fd[1], &one, 1)) < 0 && errno == EINTR)
+        ;
+    if (n != 1) {
+        /* pyfuse3's loop has stopped taking requests: take this one back */
+        struct fwd **pp = &head, *prev = NULL;
+        err = errno == EAGAIN ? EIO : errno;
+        while (*pp != f) {
+            prev = *pp;
+            pp = &(*pp)->next;
+        }
+        *pp = NULL;
+        tail = prev;
+        if (r != NULL) {
+            struct route **rp = &routes[bucket(in->unique)];
+            while (*rp != r)
+                rp = &(*rp)->next;
+            *rp = r->next;
+        }
+        pthread_mutex_unlock(&mu);
+        goto fail;
+    }
+    pthread_mutex_unlock(&mu);
+    atomic_fetch_add(&st_forwarded, 1);
+    return 0;
+fail:
+    free(f);
+    free(mem);
+    free(r);
+    return -err;
+}
+
+int nvmefs_forwarded(uint64_t unique)
+{
+    struct route *r;
+    int found = 0;
+    pthread_mutex_lock(&mu);
+    for (r = routes[bucket(unique)]; r != NULL; r = r->next)
+        if (r->unique == unique) {
+            found = 1;
+            break;
+        }
+    pthread_mutex_unlock(&mu);
+    return found;
+}
+
+void nvmefs_forward_end(void)
+{
+    pthread_mutex_lock(&mu);
+    if (pipe_fd[1] >= 0) {
+        /* end of file for pyfuse3's loop, once it has taken what is queued */
+        close(pipe_fd[1]);
+        pipe_fd[1] = -1;
+    }
+    pthread_mutex_unlock(&mu);
+}
+
+int nvmefs_forward_take(struct fuse_buf *buf)
+{
+    struct fwd *f;
+    char c;
+    ssize_t n = read(pipe_fd[0], &c, 1);
+    size_t size;
+
+    if (n == 0)
+        return 0;               /* every lane has ended: unmounted */
+    if (n < 0)
+        return -errno;
+    pthread_mutex_lock(&mu);
+    f = head;
+    if (f != NULL) {
+        head = f->next;
+        if (head == NULL)
+            tail = NULL;
+    }
+    pthread_mutex_unlock(&mu);
+    if (f == NULL)
+        return -EIO;            /* a byte without a record: cannot happen */
+    /* pyfuse3 keeps one buffer per worker and frees the last one itself */
+    free(buf->mem);
+    buf->mem = f->mem;
+    buf->size = f->size;
+    buf->flags = 0;
+    size = f->size;
+    free(f);
+    return (int)size;
+}
+
+ssize_t nvmefs_forward_writev(int fd, struct iovec *iov, int count, void *userdata)
+{
+    const struct fuse_out_header *out = iov[0].iov_base;
+    /* an interrupt's reply (odd unique) belongs to its request's channel */
+    uint64_t unique = out->unique & ~(uint64_t)1;
+    struct route **rp, *r = NULL;
+    (void)userdata;
+    if (out->unique != 0) {         /* 0: a notification, any channel takes it */
+        int routed = 0;
+        pthread_mutex_lock(&mu);
+        for (rp = &routes[bucket(unique)]; *rp != NULL; rp = &(*rp)->next) {
+            if ((*rp)->unique != unique)
+                continue;
+            fd = (*rp)->fd;
+            routed = 1;
+            if (unique == out->unique) {    /* the request's own reply: the route is done */
+                r = *rp;
+                *rp = r->next;
+            }
+            break;
+        }
+        pthread_mutex_unlock(&mu);
+        free(r);
+        atomic_fetch_add(routed ? &st_routed : &st_unrouted, 1);
+    }
+    return writev(fd, iov, count);
+}
+
+void nvmefs_forward_close(void)
+{
+    struct fwd *f;
+    struct route *r;
+    int i;
+    pthread_mutex_lock(&mu);
+    while ((f = head) != NULL) {
+        head = f->next;
+        free(f->mem);
+        free(f);
+    }
+    tail = NULL;
+    for (i = 0; i < ROUTE_BUCKETS; i++)
+        while ((r = routes[i]) != NULL) {
+            routes[i] = r->next;
+            free(r);
+        }
+    for (i = 0; i < 2; i++)
+        if (pipe_fd[i] >= 0) {
+            close(pipe_fd[i]);
+            pipe_fd[i] = -1;
+        }
+    pthread_mutex_unlock(&mu);
+}
+
+void nvmefs_forward_stats(unsigned long *out)
+{
+    out[0] = atomic_load(&st_forwarded);
+    out[1] = atomic_load(&st_routed);
+    out[2] = atomic_load(&st_unrouted);
+}

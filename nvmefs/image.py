@@ -1,0 +1,35 @@
+"""Where the built-in controller's image lives, and the checks an image
+path passes before anything is created or opened."""
+import os
+
+from nvmefs.errors import UsageError
+
+
+def default_image():
+    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
+    return os.path.join(base, "nvmefs", "nvme0.img")
+
+
+def check_image(path, size, lba_size, create):
+    """Returns True when the image must be created."""
+    if os.path.exists(path):
+        if not os.path.isfile(path):
+            raise UsageError(f"image {path} is not a regular file")
+        if not os.access(path, os.R_OK | os.W_OK):
+            raise UsageError(f"image {path} is not writable")
+        return False
+    if not create:
+        raise UsageError(f"image {path} does not exist")
+    if size % lba_size:
+        raise UsageError(f"size {size} is not a multiple of the LBA size {lba_size}")
+    if size < 1 << 20:
+        raise UsageError(f"size {size} is too small (at least 1 MiB)")
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        try:
+            os.makedirs(parent, exist_ok=True)
+        except OSError as exc:
+            raise UsageError(f"cannot create {parent}: {exc.strerror}") from None
+    if not os.access(parent, os.W_OK):
+        raise UsageError(f"cannot create image in {parent}: not writable")
+    return True
