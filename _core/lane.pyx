@@ -126,6 +126,7 @@ cdef enum:
     LANE_ROUTE_CACHE = 256
     LANE_EVENTS = 1024
     LANE_NONE = 0xFFFFFFFF
+    LANE_BUFFERLESS = 256       # request slots beyond the buffers (flushes)
 
 # control mailbox commands (trio -> lane)
 cdef enum:
@@ -213,6 +214,7 @@ cdef enum:
 
 cdef struct lreq:
     uint64_t unique
+    uint64_t nodeid
     uint8_t *buf
     uint64_t iova
     int32_t reply_fd
@@ -437,7 +439,8 @@ cdef void lane_give_buffer(lane_t *ln, uint32_t home, uint32_t bufidx) noexcept 
 
 cdef void lane_free_slot(lane_t *ln, uint32_t slot) noexcept nogil:
     cdef lreq *r = &ln.req[slot]
-    lane_give_buffer(ln, r.home, r.bufidx)
+    if r.bufidx != LANE_NONE:
+        lane_give_buffer(ln, r.home, r.bufidx)
     r.state = S_FREE
     r.buf = NULL
     ln.freereq[ln.nfreereq] = slot
@@ -488,7 +491,7 @@ cdef void lane_loop(lane_t *ln) noexcept nogil:
             lane_retry_ranges(ln)
         if ln.stopping and lane_may_end(ln):
             return
-        if ln.nbacklog and ln.nfreebuf:
+        if ln.nbacklog and ln.nfreereq and (ln.nfreebuf or lane_backlog_flush_first(ln)):
             lane_take_backlog(ln)
             continue
         if not ln.reading:
@@ -568,7 +571,10 @@ cdef bint lane_take_handed(lane_t *ln) noexcept nogil:
             got = True
         while ln.nfreereq and lane_ring_pop(&sh.inbox[ln.id * sh.nlanes + j], &x):
             ln.n_handed_in += 1
-            lane_serve(ln, x.buf, x.len, x.home, x.bufidx, x.reply_fd)
+            if x.home == LANE_NONE:
+                lane_backlog_link(ln, <lane_backlog *>x.buf)
+            else:
+                lane_serve(ln, x.buf, x.len, x.home, x.bufidx, x.reply_fd)
             got = True
     return got
 
@@ -741,7 +747,12 @@ cdef void lane_dispatch(lane_t *ln, uint8_t *buf, size_t n, uint32_t bi, int32_t
         lane_forward(ln, buf, n, reply_fd)
         return
     if bi == LANE_NONE:
-        lane_backlog_push(ln, buf, n, reply_fd)
+        # A flush needs no buffer (close() of any copy of an fd sends one:
+        # it must not wait behind reads holding every buffer)
+        if (h.opcode == FUSE_FLUSH or h.opcode == FUSE_FSYNC) and ln.nfreereq:
+            lane_serve(ln, buf, n, ln.id, LANE_NONE, reply_fd)
+        else:
+            lane_backlog_push(ln, buf, n, reply_fd)
         return
     target = lane_route(ln, h.pid)
     ln.nfreebuf -= 1            # bi is the buffer on top of the list
@@ -811,8 +822,12 @@ cdef bint lane_hand(lane_t *ln, uint32_t target, uint8_t *buf, size_t n, uint32_
 
 
 cdef void lane_backlog_push(lane_t *ln, uint8_t *buf, size_t n, int32_t reply_fd) noexcept nogil:
+    """A data request read into the spare: a copy waits for a buffer -- of
+    another lane that has some free, or of this one."""
     cdef fuse_in_header *h = <fuse_in_header *>buf
     cdef lane_backlog *b = <lane_backlog *>malloc(sizeof(lane_backlog) + n)
+    cdef uint32_t k, best = LANE_NONE, most = 1, free_k
+    cdef lane_xfer x
     if b == NULL:
         lane_reply(ln, reply_fd, h.unique, EIO, NULL, 0)
         return
@@ -821,6 +836,29 @@ cdef void lane_backlog_push(lane_t *ln, uint8_t *buf, size_t n, int32_t reply_fd
     b.len = <uint32_t>n
     b.reply_fd = reply_fd
     memcpy(b.data, buf, n)
+    # (another lane's count, read as it is: a hint, the receiver decides)
+    for k in range(ln.sh.nlanes):
+        if k != ln.id:
+            free_k = lane_load32(&ln.sh.lanes[k].nfreebuf)
+            if free_k > most and ln.sh.lanes[k].reading:
+                best, most = k, free_k
+    if best != LANE_NONE:
+        x.buf = <uint8_t *>b
+        x.len = <uint32_t>n
+        x.reply_fd = reply_fd
+        x.home = LANE_NONE          # a copy: the receiver puts it in its backlog
+        x.bufidx = LANE_NONE
+        if lane_ring_push(&ln.sh.inbox[best * ln.sh.nlanes + ln.id], &x):
+            ln.n_handed_out += 1
+            nvmefs_mb()
+            if lane_load32(&ln.sh.lanes[best].sleeping):
+                lane_wake(ln.sh.lanes[best].wake_fd)
+            return
+    lane_backlog_link(ln, b)
+
+
+cdef void lane_backlog_link(lane_t *ln, lane_backlog *b) noexcept nogil:
+    b.next = NULL
     if ln.bl_tail == NULL:
         ln.bl_head = b
     else:
@@ -829,20 +867,35 @@ cdef void lane_backlog_push(lane_t *ln, uint8_t *buf, size_t n, int32_t reply_fd
     ln.nbacklog += 1
 
 
+cdef inline bint lane_backlog_flush_first(lane_t *ln) noexcept nogil:
+    cdef uint32_t op = (<fuse_in_header *>ln.bl_head.data).opcode
+    return op == FUSE_FLUSH or op == FUSE_FSYNC
+
+
 cdef void lane_take_backlog(lane_t *ln) noexcept nogil:
+    """Requests read while no buffer (or slot) was free, in order, as
+    buffers come back (a flush needs only a slot)."""
     cdef lane_backlog *b
     cdef uint32_t bi
     cdef uint8_t *buf
-    while ln.bl_head != NULL and ln.nfreebuf:
+    cdef fuse_in_header *h
+    while ln.bl_head != NULL and ln.nfreereq:
         b = ln.bl_head
+        h = <fuse_in_header *>b.data
+        if h.opcode == FUSE_FLUSH or h.opcode == FUSE_FSYNC:
+            bi = LANE_NONE
+            buf = b.data
+        elif ln.nfreebuf:
+            ln.nfreebuf -= 1
+            bi = ln.freebuf[ln.nfreebuf]
+            buf = lane_buf(ln, bi)
+            memcpy(buf, b.data, b.len)
+        else:
+            return
         ln.bl_head = b.next
         if ln.bl_head == NULL:
             ln.bl_tail = NULL
         ln.nbacklog -= 1
-        ln.nfreebuf -= 1
-        bi = ln.freebuf[ln.nfreebuf]
-        buf = lane_buf(ln, bi)
-        memcpy(buf, b.data, b.len)
         lane_serve(ln, buf, b.len, ln.id, bi, b.reply_fd)
         free(b)
 
@@ -902,7 +955,7 @@ cdef class LaneSet:
             raise ValueError(f"{n} lanes outside 1..{LANE_MAX_LANES}")
         if buffers_per_lane < 2 or buffers_per_lane > 4096:
             raise ValueError(f"{buffers_per_lane} buffers per lane outside 2..4096")
-        if <uint64_t>n * buffers_per_lane >= (1 << USER_SLOT_BITS):
+        if <uint64_t>n * buffers_per_lane + LANE_BUFFERLESS >= (1 << USER_SLOT_BITS):
             raise ValueError(f"{n} lanes of {buffers_per_lane} buffers: too many requests in flight")
         if max_lba < 512 or max_lba & (max_lba - 1):
             raise ValueError(f"LBA size {max_lba} is not a power of two >= 512")
@@ -969,7 +1022,8 @@ cdef class LaneSet:
             ln.stride = self.stride
             ln.readsize = self.stride - 2 * max_lba
             ln.nbuf = buffers_per_lane
-            ln.nreq = n * buffers_per_lane
+            # every buffer in a slot, and room for flushes, which take none
+            ln.nreq = n * buffers_per_lane + LANE_BUFFERLESS
             ln.wq_head = ln.wq_tail = ln.rq_head = ln.rq_tail = LANE_NONE
             ln.ns = self.tables[0]
             ln.dlcap = ln.nreq
@@ -1256,7 +1310,7 @@ cdef class LaneSet:
                 "bytes_written": ln.bytes_written, "in_flight": ln.active, "max_in_flight": ln.max_active,
                 "buffers": ln.nbuf, "attached": bool(ln.attached), "failed": bool(ln.failed),
                 "running": bool(ln.running), "events_lost": ln.events_lost,
-                "quarantined": ln.n_quarantined,
+                "quarantined": ln.n_quarantined, "backlog": ln.nbacklog,
             })
         return out
 

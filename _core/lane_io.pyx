@@ -91,41 +91,49 @@ cdef void lane_serve(lane_t *ln, uint8_t *buf, size_t n, uint32_t home, uint32_t
     r = &ln.req[slot]
     memset(r, 0, sizeof(lreq))
     r.unique = h.unique
-    r.buf = buf
-    r.iova = ln.sh.lanes[home].bufiova + <uint64_t>bufidx * ln.stride
+    r.nodeid = h.nodeid
+    r.buf = buf if bufidx != LANE_NONE else NULL
     r.reply_fd = reply_fd
     r.home = home
     r.bufidx = bufidx
+    if bufidx != LANE_NONE:
+        r.iova = ln.sh.lanes[home].bufiova + <uint64_t>bufidx * ln.stride
     r.fuse_op = <uint8_t>h.opcode
     r.link = LANE_NONE
     r.state = S_RUN
     ln.active += 1
     if ln.active > ln.max_active:
         ln.max_active = ln.active
+    if h.opcode == FUSE_FLUSH or h.opcode == FUSE_FSYNC:
+        # a Flush carries no data: the buffer goes back at once
+        r.kind = K_FLUSH
+        ln.n_flush += 1
+        if bufidx != LANE_NONE:
+            lane_give_buffer(ln, home, bufidx)
+        r.bufidx = LANE_NONE
+        r.buf = NULL
     if ln.failed:
         r.err = EIO
         lane_finish(ln, slot)
         return
-    ns = lane_ns_of(ln, h.nodeid)
+    ns = lane_ns_of(ln, r.nodeid)
     if ns == NULL:
         # the root directory has nothing to flush; a namespace the last
         # bring-up did not find is gone
-        r.err = 0 if h.nodeid == 1 and (h.opcode == FUSE_FLUSH or h.opcode == FUSE_FSYNC) else EIO
+        r.err = 0 if r.nodeid == 1 and r.kind == K_FLUSH else EIO
         lane_finish(ln, slot)
         return
     r.nsid = ns.nsid
     r.shift = ns.lba_shift
-    if h.opcode == FUSE_READ:
-        lane_take_read(ln, slot, n, ns)
-    elif h.opcode == FUSE_WRITE:
-        lane_take_write(ln, slot, n, ns)
-    elif h.opcode == FUSE_FALLOCATE:
-        lane_take_fallocate(ln, slot, n, ns)
-    else:
-        r.kind = K_FLUSH
+    if r.kind == K_FLUSH:
         r.ncmds = 1
-        ln.n_flush += 1
         lane_start_phase(ln, slot)
+    elif r.fuse_op == FUSE_READ:
+        lane_take_read(ln, slot, n, ns)
+    elif r.fuse_op == FUSE_WRITE:
+        lane_take_write(ln, slot, n, ns)
+    else:
+        lane_take_fallocate(ln, slot, n, ns)
 
 
 cdef void lane_take_read(lane_t *ln, uint32_t slot, size_t n, lane_ns *ns) noexcept nogil:

@@ -33,6 +33,9 @@ MAX_WRITE = 1 << 20
 # I/O (libaio, readahead, writeback) and one buffer per lane to read into
 BACKGROUND = 64
 ACK_TIMEOUT = 10.0
+# a storm of failures (a dying controller) says so in a few lines, not one
+# per request: at most LOG_BURST error lines per LOG_WINDOW seconds
+LOG_BURST, LOG_WINDOW = 10, 5.0
 FUSE_OPS = {15: "read", 16: "write", 20: "fsync", 25: "flush", 43: "fallocate"}
 RECENT_ERRORS = 16
 
@@ -76,6 +79,7 @@ class Lanes:
         self.stopped_early = False  # stop() ended the lanes while the connection was up
         self.recent = []
         self.counts = {"errors": 0, "retries": 0, "timeouts": 0}
+        self._log_window = (0.0, 0, 0)      # (start, lines, suppressed)
 
     @property
     def count(self):
@@ -168,8 +172,13 @@ class Lanes:
             for fd in fds:
                 os.close(fd)
             raise
+        self.serve(fds, forwarder)
+
+    def serve(self, fds, forwarder, own=True):
+        """Start the threads on these channels (start() clones them; tests
+        hand sockets standing in for /dev/fuse, own=False)."""
         self.set.set_forwarder(*forwarder)
-        self.set.start(fds)
+        self.set.start(fds, own)
         self.started = True
 
     async def run(self, task_status=trio.TASK_STATUS_IGNORED):
@@ -198,13 +207,28 @@ class Lanes:
                 if self.ctrl is not None:
                     self.ctrl.nursery.start_soon(self.ctrl.timed_out, qid, cid, opcode, kind == "timeout2", gen)
 
+    def _log_error(self, msg, *args):
+        now = trio.current_time()
+        start, lines, quiet = self._log_window
+        if now - start > LOG_WINDOW:
+            if quiet:
+                log.error("... and %d more failed request(s) in %.0f s (nvmefs stats lists the last %d)",
+                          quiet, LOG_WINDOW, RECENT_ERRORS)
+            start, lines, quiet = now, 0, 0
+        if lines < LOG_BURST:
+            log.error(msg, *args)
+            lines += 1
+        else:
+            quiet += 1
+        self._log_window = (start, lines, quiet)
+
     def _command_failed(self, kind, lane, qid, cid, opcode, status, attempt, err, nsid, lba, nlb, fuse_op):
         what = f"{FUSE_OPS.get(fuse_op, 'request')} on nvme0n{nsid}"
         if not status:
             # not the controller's: a command that could not be built
             self.counts["errors"] += 1
-            log.error("lane %d: %s at LBA %d+%d: cannot build the command (%s); answered EIO",
-                      lane, what, lba, nlb, os.strerror(err))
+            self._log_error("lane %d: %s at LBA %d+%d: cannot build the command (%s); answered EIO",
+                            lane, what, lba, nlb, os.strerror(err))
             return
         exc = self.ctrl.status_error(status, opcode, cid, qid, nsid, lba) if self.ctrl is not None \
             else error_from_status(status, opcode=opcode, cid=cid, qid=qid, nsid=nsid, lba=lba)
@@ -213,7 +237,7 @@ class Lanes:
             log.info("lane %d: %s: %s; retrying (attempt %d)", lane, what, exc, attempt)
             return
         self.counts["errors"] += 1
-        log.error("lane %d: %s: %s; answered EIO", lane, what, exc)
+        self._log_error("lane %d: %s: %s; answered EIO", lane, what, exc)
         self.recent.append({"lane": lane, "op": FUSE_OPS.get(fuse_op, "?"), "nsid": nsid, "lba": lba,
                             "blocks": nlb, "command": opcode_name(opcode), "status": exc.name,
                             "dnr": exc.dnr, "attempts": attempt + 1})

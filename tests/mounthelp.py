@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -12,6 +13,22 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def nvmefs_cmd(*args):
     return [sys.executable, "-m", "nvmefs", *args]
+
+
+def start_daemon(*args, env=None):
+    """`nvmefs ARGS` in the background; its output goes to files (a pipe
+    nobody drains would stop a daemon that logs a lot), read by output()."""
+    out, err = tempfile.TemporaryFile(mode="w+"), tempfile.TemporaryFile(mode="w+")
+    proc = subprocess.Popen(nvmefs_cmd(*args), cwd=ROOT, stdout=out, stderr=err, text=True, env=env)
+    proc.out_file, proc.err_file = out, err
+    return proc
+
+
+def output(proc):
+    """(stdout, stderr) of a start_daemon() process so far."""
+    proc.out_file.seek(0)
+    proc.err_file.seek(0)
+    return proc.out_file.read(), proc.err_file.read()
 
 
 def run_cli(*args, timeout=120, **kw):
@@ -24,7 +41,7 @@ def wait_for_mount(proc, mnt, timeout=30):
         if os.path.ismount(mnt):
             return
         if proc.poll() is not None:
-            out, err = proc.communicate()
+            out, err = output(proc)
             raise AssertionError(f"nvmefs exited with {proc.returncode} before mounting:\n{out}\n{err}")
         time.sleep(0.05)
     raise AssertionError(f"{mnt} not mounted after {timeout} s")
@@ -59,8 +76,7 @@ def stop(proc, mnt, how="fusermount", timeout=60):
 @contextlib.contextmanager
 def mounted(mnt, image, *extra, env=None):
     os.makedirs(mnt, exist_ok=True)
-    proc = subprocess.Popen(nvmefs_cmd("mount", mnt, "--image", image, *extra), cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    proc = start_daemon("mount", mnt, "--image", image, *extra, env=env)
     try:
         wait_for_mount(proc, mnt)
         yield proc
@@ -70,4 +86,4 @@ def mounted(mnt, image, *extra, env=None):
     # a daemon that does not end by itself once unmounted (stop() kills it
     # after a minute) is a bug, whatever the test checked before
     rc = stop(proc, mnt)
-    assert rc == 0, f"nvmefs exited with {rc} after fusermount3 -u:\n{proc.stderr.read()}"
+    assert rc == 0, f"nvmefs exited with {rc} after fusermount3 -u:\n{output(proc)[1]}"

@@ -65,7 +65,7 @@ def _rss_kib():
 def test_buffers_are_zeroed_and_fresh_pages_stay_untouched():
     """Every buffer reads as zeroes, also where an earlier owner wrote; a
     buffer of pages never handed out is not made resident by alloc() (the
-    lane engine's 48 MiB of receive buffers cost only what is used)."""
+    lanes' receive buffers cost only what is used)."""
     small = _core.DmaArena(16 * 4096)
     a = small.alloc(16 * 4096)          # the whole arena: the next one must reuse it
     memoryview(a)[:] = b"\xab" * (16 * 4096)

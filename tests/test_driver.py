@@ -450,7 +450,7 @@ async def test_reset_completes_every_command_in_flight(make_transport):
 async def test_reset_disables_the_controller_before_it_fails_and_frees_anything(make_transport, monkeypatch):
     """A timed-out controller may still be working: until CC.EN=0 is
     acknowledged (CSTS.RDY=0) it may write completions into the CQs and
-    read data into the bounce chunks or the lane engine's buffers, so none
+    read data into the bounce chunks or the lanes' buffers, so none
     of that memory may go back to the arena, nor any waiter be failed
     (and resubmit elsewhere), before then -- as Linux's nvme_reset_work
     disables first.  Each queue records CSTS.RDY when it is torn down."""
@@ -466,7 +466,8 @@ async def test_reset_disables_the_controller_before_it_fails_and_frees_anything(
         return wrapped
     monkeypatch.setattr(IoQueue, "fail_all", record("fail", fail_all))
     monkeypatch.setattr(IoQueue, "close", record("close", close))
-    async with open_controller(t, io_queues=2, lane_queue=True) as c:
+    from nvmefs.lanes import Lanes
+    async with open_controller(t, io_queues=2, owners=[Lanes(t.arena, [0])]) as c:
         await c.namespaces[1].write(0, b"\x01" * 512)
         await c.reset("test")
         torn = [s for s in seen if s[1] is not None]
