@@ -16,6 +16,7 @@ Signals during that are logged and ignored, so the image is never left
 half-written.
 """
 import ctypes
+import errno
 import logging
 import os
 import shutil
@@ -70,6 +71,20 @@ def detach(mountpoint):
         log.warning("fusermount3 -u -z %s: %s", mountpoint, r.stderr.strip())
 
 
+class _GoneReplies(logging.Filter):
+    """pyfuse3 logs every failed reply as an error. ENOENT only says that the
+    kernel no longer waits for that request: it was interrupted, or (a
+    RELEASE after a lazy unmount) the connection was torn down when the last
+    file closed. Nothing is lost, so it is debug-level, not an error."""
+
+    def filter(self, record):
+        if record.levelno == logging.ERROR and "fuse_reply_* failed" in record.msg \
+                and record.args and record.args[-1] == os.strerror(errno.ENOENT):
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            return logging.getLogger("pyfuse3").isEnabledFor(logging.DEBUG)
+        return True
+
+
 async def serve(args, transport, ready_fd=None):
     from nvmefs.controller import open_controller
     from nvmefs.fusefs import NvmeFS
@@ -83,6 +98,7 @@ async def serve(args, transport, ready_fd=None):
         options |= {"fsname=nvmefs", "subtype=nvmefs"}
         if os.getuid() == 0:
             options.add("allow_other")
+        logging.getLogger("pyfuse3").addFilter(_GoneReplies())
         fuseshim.arm(lanes.set.max_write, lanes.max_background)
         try:
             pyfuse3.init(fs, args.mountpoint, options)
