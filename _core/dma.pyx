@@ -144,7 +144,7 @@ cdef class DmaArena:
     def alloc(self, size_t nbytes):
         """A page-aligned zeroed buffer of at least ``nbytes`` (a DmaBuffer).
         Pages never handed out before are not touched: a large buffer costs
-        resident memory only where it is used (the lane engine's receive
+        resident memory only where it is used (the lanes' receive
         buffers, the bounce pools)."""
         cdef uint64_t iova
         cdef uint8_t *vaddr
