@@ -1,7 +1,9 @@
-"""Builds the Cython core ``nvmefs._core`` from ``_core/``.
+"""Builds the Cython extensions from ``_core/``.
 
-One extension, ``_core/_core.pyx``, includes the component .pyx files in a
-stated order (the uvloop layout); C-only declarations live in
+``nvmefs._core`` (the driver core) and ``nvmefs._model`` (the device side:
+software controller, echo device, bench loops) each include their component
+.pyx files in a stated order (the uvloop layout); the model reaches the core
+only through ``nvmefs/_core.pxd``.  C-only declarations live in
 ``_core/include`` (.h and .pxd) which is on both the C and the Cython include
 path.  NVMEFS_DEBUG=1 builds with assertions, bounds checks and Cython line
 tracing (for coverage and profilers).
@@ -30,14 +32,23 @@ else:
 
 directives.update({"language_level": 3, "embedsignature": True, "cdivision": True})
 
-ext = Extension(
-    "nvmefs._core",
-    sources=[os.path.join("_core", "_core.pyx")],
-    include_dirs=[INCLUDE],
-    define_macros=macros,
-    extra_compile_args=cflags + ["-std=gnu11", "-Wno-unused-function"],
-    extra_link_args=["-pthread"],
-)
+
+def core_extension(name, pyx):
+    return Extension(
+        name,
+        sources=[os.path.join("_core", pyx)],
+        depends=[os.path.join("nvmefs", "_core.pxd")],
+        include_dirs=[INCLUDE],
+        define_macros=macros,
+        extra_compile_args=cflags + ["-std=gnu11", "-Wno-unused-function"],
+        extra_link_args=["-pthread"],
+    )
+
+
+# The driver core, and apart from it the device side (software controller,
+# echo device, bench loops), which sees the core only through nvmefs/_core.pxd
+core = core_extension("nvmefs._core", "_core.pyx")
+model = core_extension("nvmefs._model", "_model.pyx")
 
 
 def pkg_config(flag, default):
@@ -66,8 +77,9 @@ fuseshim = Extension(
 )
 
 extensions = cythonize(
-    [ext, fuseshim],
-    include_path=[INCLUDE, "_core"],
+    [core, model, fuseshim],
+    # "." finds nvmefs/_core.pxd, the core's declarations for the model
+    include_path=[INCLUDE, "_core", "."],
     compiler_directives=directives,
     # a changed build mode must regenerate the C file
     force=DEBUG,

@@ -1,13 +1,12 @@
 # cython: language_level=3
-# The nvmefs hot path, one extension built from the component files below,
-# included in dependency order (the uvloop layout: STYLE.md).  C-only
-# declarations live in include/ (.h and .pxd).
+# The nvmefs driver core, one extension built from the component files
+# below, included in dependency order (the uvloop layout: STYLE.md).  C-only
+# declarations live in include/ (.h and .pxd); what the device side
+# (_model.pyx) may use is declared in nvmefs/_core.pxd.
 
 cimport cython
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int32_t, int64_t, uintptr_t
-from libc.string cimport memcpy, memset, memcmp
-from libc.string cimport memmove, strlen
-from libc.stdlib cimport realloc
+from libc.string cimport memcpy, memset, memmove
 from libc.stdlib cimport malloc, calloc, free
 from posix.stdlib cimport posix_memalign
 from libc.errno cimport errno, EAGAIN, EBUSY, EINVAL, ENOMEM, ESTALE, E2BIG, EOPNOTSUPP
@@ -40,12 +39,5 @@ include "ranges.pyx"
 include "fastpath.pyx"
 include "lane.pyx"
 include "lane_io.pyx"
-include "model_store.pyx"
-include "model_dma.pyx"
-include "model_ctrl.pyx"
-include "model_admin.pyx"
-include "model_io.pyx"
 include "vfio.pyx"
 include "builders.pyx"
-include "echo_device.pyx"
-include "bench_loops.pyx"

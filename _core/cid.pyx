@@ -10,37 +10,11 @@
 # completion slot and its preallocated PRP/SGL list pages, so building a
 # command allocates nothing (defects 5 and 8).
 
-cdef enum tracker_state:
-    TRK_FREE = 0
-    TRK_ALLOCATED = 1     # handed out, not yet in the SQ
-    TRK_SUBMITTED = 2     # in the SQ / at the controller
-
-cdef struct nvme_tracker:
-    uint16_t cid          # index | generation << index_bits, as placed in the SQE
-    uint8_t  state
-    uint8_t  opc
-    uint64_t user         # the submitter's completion context (opaque)
-    uint64_t submit_ns
-    nvme_cqe cpl          # this command's completion slot
-    uint64_t list_iova    # preallocated list pages (contiguous), bus address
-    uint8_t *list_vaddr
-    uint32_t list_pages
-
-
+# the tracker struct and its states: nvmefs/_core.pxd
 cdef class CidTable:
     """Trackers of one queue.  ``CidTable(depth)``: ``depth`` outstanding
     commands at most (1..65535)."""
-    cdef nvme_tracker *trk
-    cdef uint16_t *free_ring
-    cdef readonly uint32_t depth
-    cdef readonly uint32_t index_bits
-    cdef uint32_t index_mask
-    cdef readonly uint32_t gen_bits
-    cdef uint32_t free_head
-    cdef readonly uint32_t free_count
-    cdef readonly uint64_t stale_completions
-    cdef readonly uint64_t exhausted
-    cdef readonly uint64_t allocs
+    # fields and inline methods: nvmefs/_core.pxd (shared with the model)
 
     def __cinit__(self, uint32_t depth):
         self.trk = NULL
@@ -68,49 +42,6 @@ cdef class CidTable:
         free(self.trk)
         free(self.free_ring)
 
-    cdef inline int alloc(self) noexcept nogil:
-        """Tracker index, or -EBUSY when every id is outstanding (back off)."""
-        if self.free_count == 0:
-            self.exhausted += 1
-            return -EBUSY
-        cdef uint32_t idx = self.free_ring[self.free_head]
-        self.free_head += 1
-        if self.free_head == self.depth:
-            self.free_head = 0
-        self.free_count -= 1
-        cdef nvme_tracker *t = &self.trk[idx]
-        cdef uint32_t gen = (t.cid >> self.index_bits) + 1
-        if self.gen_bits:
-            gen &= (1u << self.gen_bits) - 1
-        else:
-            gen = 0
-        t.cid = <uint16_t>(idx | (gen << self.index_bits))
-        t.state = TRK_ALLOCATED
-        self.allocs += 1
-        return <int>idx
-
-    cdef inline int release(self, uint32_t idx) noexcept nogil:
-        if idx >= self.depth or self.trk[idx].state == TRK_FREE:
-            return -EINVAL
-        self.trk[idx].state = TRK_FREE
-        cdef uint32_t tail = self.free_head + self.free_count
-        if tail >= self.depth:
-            tail -= self.depth
-        self.free_ring[tail] = <uint16_t>idx
-        self.free_count += 1
-        return 0
-
-    cdef inline int lookup(self, uint16_t cid) noexcept nogil:
-        """Index of the outstanding command with this exact CID, or -ESTALE
-        (unknown index, free tracker, or an older generation)."""
-        cdef uint32_t idx = cid & self.index_mask
-        if idx >= self.depth or self.trk[idx].state != TRK_SUBMITTED or self.trk[idx].cid != cid:
-            self.stale_completions += 1
-            return -ESTALE
-        return <int>idx
-
-    cdef inline nvme_tracker *get(self, uint32_t idx) noexcept nogil:
-        return &self.trk[idx]
 
     # Python surface (tests, stats) -------------------------------------------------
     @property

@@ -19,23 +19,7 @@ cdef class DmaArena:
 
     ``DmaArena(size, page_size=4096, iova_base=0x1_0000_0000)``
     """
-    cdef uint8_t *base
-    cdef readonly size_t size
-    cdef readonly size_t page_size
-    cdef uint32_t page_shift
-    cdef size_t npages
-    cdef readonly uint64_t iova_base
-    cdef uint32_t *run          # run length at the first page of each allocation, 0 = free
-    cdef uint8_t *used
-    cdef size_t hint
-    cdef readonly uint64_t allocations
-    cdef readonly uint64_t frees
-    cdef readonly uint64_t pages_in_use
-    cdef readonly uint64_t peak_pages
-    # pages at and above this index were never handed out: still the zero
-    # pages mmap gave, untouched (alloc() need not clear them, and does not
-    # make them resident)
-    cdef size_t fresh_from
+    # fields and inline methods: nvmefs/_core.pxd (shared with the model)
 
     def __cinit__(self, size_t size, size_t page_size=4096, uint64_t iova_base=ARENA_DEFAULT_IOVA):
         self.base = NULL
@@ -124,23 +108,6 @@ cdef class DmaArena:
         self.pages_in_use -= n
         return 0
 
-    @cython.linetrace(False)
-    @cython.profile(False)
-    cdef inline uint8_t *translate(self, uint64_t iova, uint64_t length) noexcept nogil:
-        """Bus address -> process address, NULL when [iova, iova+length) is not mapped
-        (what an IOMMU fault is to a real device)."""
-        if iova < self.iova_base:
-            return NULL
-        cdef uint64_t off = iova - self.iova_base
-        if off > self.size or length > self.size - off:
-            return NULL
-        return self.base + off
-
-    @cython.linetrace(False)
-    @cython.profile(False)
-    cdef inline uint64_t iova_of(self, const void *p) noexcept nogil:
-        return self.iova_base + <uint64_t>(<const uint8_t *>p - self.base)
-
     def alloc(self, size_t nbytes):
         """A page-aligned zeroed buffer of at least ``nbytes`` (a DmaBuffer).
         Pages never handed out before are not touched: a large buffer costs
@@ -179,12 +146,7 @@ cdef class DmaArena:
 cdef class DmaBuffer:
     """A page-aligned piece of a DmaArena; exports the buffer protocol
     (zero-copy I/O) and refuses to be freed while a view is out."""
-    cdef readonly DmaArena arena
-    cdef readonly uint64_t iova
-    cdef uint8_t *vaddr
-    cdef readonly size_t size
-    cdef int views
-    cdef bint freed
+    # fields and inline methods: nvmefs/_core.pxd (shared with the model)
 
     def __init__(self):
         raise TypeError("DmaBuffer is created by DmaArena.alloc()")

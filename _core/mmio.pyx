@@ -5,10 +5,7 @@
 cdef class RegisterFile:
     """BAR0 of a controller.  ``RegisterFile(size)`` owns zeroed memory (the
     model's registers); transports wrap a mapped BAR with ``RegisterFile.wrap``."""
-    cdef uint8_t *base
-    cdef readonly size_t size
-    cdef bint owned
-    cdef object keepalive
+    # fields and inline methods: nvmefs/_core.pxd (shared with the model)
 
     def __cinit__(self, size_t size=0):
         self.base = NULL
@@ -36,11 +33,6 @@ cdef class RegisterFile:
             free(self.base)
         self.base = NULL
 
-    cdef inline volatile uint32_t *reg32(self, size_t off) noexcept nogil:
-        return <volatile uint32_t *>(self.base + off)
-
-    cdef inline volatile uint32_t *doorbell(self, uint32_t qid, bint cq, uint32_t dstrd) noexcept nogil:
-        return <volatile uint32_t *>(self.base + NVME_REG_DBS + (2 * qid + cq) * (<size_t>4 << dstrd))
 
     cdef int check(self, size_t off, size_t width) except -1:
         if off % width or off + width > self.size:

@@ -11,45 +11,7 @@
 # (defect 8).  A list page holds page_size/8 entries; when more remain, its
 # last entry points at the next list page (chaining).
 
-cdef struct dma_seg:
-    uint64_t iova
-    uint32_t length
-    uint32_t flags        # SEG_BIT_BUCKET: read data to discard (SGL only)
-
-cdef enum:
-    SEG_BIT_BUCKET = 1
-
-# builder results beyond -errno: which rule failed, for the error message
-cdef enum prp_fault:
-    PRP_OK = 0
-    PRP_FIRST_NOT_DWORD = 1
-    PRP_MIDDLE_START = 2
-    PRP_MIDDLE_END = 3
-    PRP_EMPTY_SEGMENT = 4
-    PRP_LIST_TOO_SMALL = 5
-    PRP_BIT_BUCKET = 6
-    PRP_NO_SEGMENTS = 7
-
-
-cdef inline uint32_t prp_list_pages_for(uint64_t entries, uint32_t page_size) noexcept nogil:
-    """List pages needed for ``entries`` PRP entries after PRP1 when PRP2 is a list."""
-    cdef uint64_t per = page_size >> 3
-    if entries <= per:
-        return 1
-    return <uint32_t>((entries - 1 + per - 2) // (per - 1))
-
-
-cdef inline uint64_t prp_pages_of(const dma_seg *segs, uint32_t nseg, uint32_t page_size) noexcept nogil:
-    """Number of PRP entries (PRP1 included) the layout needs."""
-    cdef uint64_t mask = page_size - 1, n = 0, start, end
-    cdef uint32_t i
-    for i in range(nseg):
-        start = segs[i].iova & ~mask
-        end = segs[i].iova + segs[i].length
-        n += (end - start + mask) // page_size
-    return n
-
-
+# dma_seg, the fault codes and the inline page counters: nvmefs/_core.pxd
 cdef int prp_build(const dma_seg *segs, uint32_t nseg, uint32_t page_size,
                    uint64_t list_iova, uint8_t *list_vaddr, uint32_t list_pages,
                    uint64_t *prp1, uint64_t *prp2, uint32_t *fault, uint32_t *fault_seg) noexcept nogil:

@@ -13,11 +13,7 @@
 # written with a store fence + release store (nvmefs_doorbell_write).  Reap
 # loads the phase with acquire semantics and fences before reading the body.
 
-cdef enum dptr_mode:
-    DPTR_AUTO = 0
-    DPTR_PRP = 1
-    DPTR_SGL = 2
-
+# dptr_mode (DPTR_AUTO/PRP/SGL): nvmefs/_core.pxd
 cdef enum:
     DEFAULT_MAX_TRANSFER = 2 * 1024 * 1024
     DEFAULT_MAX_SGL_SEGMENTS = 256
@@ -46,57 +42,7 @@ cdef class QueuePair:
     """``QueuePair(arena, regs, qid, entries, dstrd=0, max_transfer=2 MiB,
     max_sgl_segments=256)``: rings of ``entries`` slots, ``entries-1``
     commands in flight at most."""
-    cdef readonly uint16_t qid
-    cdef readonly uint32_t entries
-    cdef readonly uint32_t depth
-    cdef readonly CidTable cids
-    cdef readonly DmaArena arena
-    cdef RegisterFile regs
-    cdef object sq_buf, cq_buf, list_buf
-    cdef nvme_sqe *sq
-    cdef nvme_cqe *cq
-    cdef readonly uint64_t sq_iova
-    cdef readonly uint64_t cq_iova
-    cdef volatile uint32_t *sq_db
-    cdef volatile uint32_t *cq_db
-    cdef readonly uint32_t sq_tail
-    cdef readonly uint32_t sq_head
-    cdef uint32_t sq_tail_rung
-    cdef readonly uint32_t cq_head
-    cdef readonly uint16_t phase
-    cdef readonly uint32_t page_size
-    cdef readonly uint32_t list_pages_per_cmd
-    cdef readonly uint32_t max_transfer
-    cdef public uint32_t sgls
-    cdef public uint32_t sgl_threshold
-    cdef nvme_cqe *out_cqe
-    cdef uint64_t *out_user
-    cdef dma_seg *py_segs
-    cdef uint32_t last_fault
-    cdef uint32_t last_fault_seg
-    cdef int last_dptr
-    # counters (stats): the hot path only increments plain integers
-    cdef readonly uint64_t submitted
-    cdef readonly uint64_t completed
-    cdef readonly uint64_t sq_full_events
-    cdef readonly uint64_t doorbell_writes
-    cdef readonly uint64_t cq_doorbell_writes
-    cdef readonly uint64_t prp_commands
-    cdef readonly uint64_t sgl_commands
-    cdef readonly uint64_t bad_sqhd
-    cdef readonly uint64_t wrong_sqid
-    cdef readonly uint64_t errors
-    cdef bint test_doorbell_first      # deliberately defective ordering, tests only
-    cdef volatile uint32_t *idle_flag  # set by a device that sleeps when idle (the model)
-    cdef int kick_fd
-    # shadow doorbells (Doorbell Buffer Config): NULL when not in use
-    cdef volatile uint32_t *sh_sq
-    cdef volatile uint32_t *sh_cq
-    cdef volatile uint32_t *ei_sq
-    cdef volatile uint32_t *ei_cq
-    cdef bint sh_always_ring
-    cdef object sh_keep
-    cdef readonly uint64_t shadow_skips
+    # fields and inline methods: nvmefs/_core.pxd (shared with the model)
 
     def __cinit__(self, DmaArena arena not None, RegisterFile regs not None, uint16_t qid,
                   uint32_t entries, uint32_t dstrd=0, uint32_t max_transfer=DEFAULT_MAX_TRANSFER,
@@ -159,11 +105,6 @@ cdef class QueuePair:
 
     # --- hot path ------------------------------------------------------------------
 
-    cdef inline bint sq_full(self) noexcept nogil:
-        cdef uint32_t next = self.sq_tail + 1
-        if next == self.entries:
-            next = 0
-        return next == self.sq_head
 
     cdef int submit(self, nvme_sqe *cmd, const dma_seg *segs, uint32_t nseg, int mode,
                     bint is_read, uint64_t user, bint ring) noexcept nogil:
@@ -237,47 +178,6 @@ cdef class QueuePair:
         for k in range(16):
             nvmefs_store_release32(<volatile uint32_t *>&dst[k], src[k])
 
-    cdef inline void ring_sq(self) noexcept nogil:
-        cdef uint32_t old
-        if self.sq_tail != self.sq_tail_rung:
-            old = self.sq_tail_rung
-            self.sq_tail_rung = self.sq_tail
-            if self.sh_sq != NULL:
-                if self.shadow_publish(self.sh_sq, self.ei_sq, self.sq_tail, old):
-                    nvmefs_doorbell_write(self.sq_db, self.sq_tail)
-                    self.doorbell_writes += 1
-                else:
-                    self.shadow_skips += 1
-            else:
-                nvmefs_doorbell_write(self.sq_db, self.sq_tail)
-                self.doorbell_writes += 1
-            self.notify()
-
-    cdef inline bint shadow_publish(self, volatile uint32_t *shadow, volatile uint32_t *eventidx,
-                                    uint32_t value, uint32_t old) noexcept nogil:
-        """Store the new doorbell value in the shadow page; True when the MMIO
-        doorbell must be written too (Linux nvme_dbbuf_update_and_check_event:
-        entry visible before the shadow value, full fence, then the
-        controller's event index decides)."""
-        cdef uint16_t ev
-        nvmefs_wmb()
-        nvmefs_store_release32(shadow, value)
-        nvmefs_mb()
-        if self.sh_always_ring:
-            return True
-        ev = <uint16_t>nvmefs_load_acquire32(eventidx)
-        return <uint16_t>(<uint16_t>value - ev - 1) < <uint16_t>(<uint16_t>value - <uint16_t>old)
-
-    cdef inline void notify(self) noexcept nogil:
-        # A device that sleeps when idle (the software model) publishes an
-        # idle flag; the full fence orders our doorbell store before the
-        # flag load, pairing with the device's store-flag/fence/recheck, so
-        # either it sees the doorbell or we see the flag (no lost wake-up).
-        cdef uint64_t one = 1
-        if self.idle_flag != NULL:
-            nvmefs_mb()
-            if nvmefs_load_acquire32(self.idle_flag):
-                write(self.kick_fd, &one, sizeof(one))
 
     cdef int process_completions(self, uint32_t max_n) noexcept nogil:
         """Consume new CQEs (up to ``max_n``, 0 = all), copying each into its
@@ -331,8 +231,6 @@ cdef class QueuePair:
         self.completed += n
         return n
 
-    cdef inline bint cq_ready(self) noexcept nogil:
-        return (nvmefs_load_acquire16(&self.cq[self.cq_head].status) & 1) == self.phase
 
     # --- Python surface ------------------------------------------------------------
 

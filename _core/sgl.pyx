@@ -7,38 +7,7 @@
 # A Last Segment's list holds no segment descriptors (spec rule).  Read ranges
 # the caller does not want become Bit Bucket descriptors.
 
-cdef enum sgl_fault:
-    SGL_OK = 0
-    SGL_EMPTY_SEGMENT = 1
-    SGL_LIST_TOO_SMALL = 2
-    SGL_NOT_DWORD = 3
-    SGL_NO_SEGMENTS = 4
-    SGL_BIT_BUCKET_ONLY = 5
-
-
-cdef inline uint32_t sgl_list_pages_for(uint64_t ndesc, uint32_t page_size) noexcept nogil:
-    cdef uint64_t per = page_size >> 4
-    if ndesc <= per:
-        return 1
-    return <uint32_t>((ndesc - 1 + per - 2) // (per - 1))
-
-
-cdef inline void sgl_set(nvme_sgl_desc *d, uint64_t addr, uint32_t length, uint8_t type) noexcept nogil:
-    d.addr = addr
-    d.length = length
-    d.rsvd[0] = 0
-    d.rsvd[1] = 0
-    d.rsvd[2] = 0
-    d.id = <uint8_t>(type << 4)
-
-
-cdef inline void sgl_set_seg(nvme_sgl_desc *d, const dma_seg *s) noexcept nogil:
-    if s.flags & SEG_BIT_BUCKET:
-        sgl_set(d, 0, s.length, NVME_SGL_BIT_BUCKET)
-    else:
-        sgl_set(d, s.iova, s.length, NVME_SGL_DATA_BLOCK)
-
-
+# the fault codes and the inline descriptor helpers: nvmefs/_core.pxd
 cdef int sgl_build(const dma_seg *segs, uint32_t nseg, uint32_t page_size, bint dword_only,
                    uint64_t list_iova, uint8_t *list_vaddr, uint32_t list_pages,
                    nvme_sgl_desc *sgl1, uint32_t *fault, uint32_t *fault_seg) noexcept nogil:

@@ -41,51 +41,8 @@ cdef uint8_t _status_index[8][256]
 
 # Status field of the CQE (DW3 bits 31:16 seen as the 16-bit nvme_cqe.status):
 # P bit 0, SC bits 8:1, SCT bits 11:9, CRD bits 13:12, M bit 14, DNR bit 15.
-@cython.linetrace(False)
-@cython.profile(False)
-cdef inline uint8_t status_phase(uint16_t s) noexcept nogil:
-    return s & 0x1
 
-@cython.linetrace(False)
-@cython.profile(False)
-cdef inline uint8_t status_sc(uint16_t s) noexcept nogil:
-    return (s >> 1) & 0xFF
-
-@cython.linetrace(False)
-@cython.profile(False)
-cdef inline uint8_t status_sct(uint16_t s) noexcept nogil:
-    return (s >> 9) & 0x7
-
-@cython.linetrace(False)
-@cython.profile(False)
-cdef inline uint8_t status_crd(uint16_t s) noexcept nogil:
-    return (s >> 12) & 0x3
-
-@cython.linetrace(False)
-@cython.profile(False)
-cdef inline bint status_more(uint16_t s) noexcept nogil:
-    return (s >> 14) & 0x1
-
-@cython.linetrace(False)
-@cython.profile(False)
-cdef inline bint status_dnr(uint16_t s) noexcept nogil:
-    return (s >> 15) & 0x1
-
-@cython.linetrace(False)
-@cython.profile(False)
-cdef inline bint status_is_error(uint16_t s) noexcept nogil:
-    # SC and SCT only: CRD/M/DNR carry no meaning on a successful completion
-    return (s & 0x0FFE) != 0
-
-@cython.linetrace(False)
-@cython.profile(False)
-cdef inline uint16_t status_pack(uint8_t sct, uint8_t sc, uint8_t crd, bint more,
-                                 bint dnr, uint8_t phase) noexcept nogil:
-    return <uint16_t>((phase & 0x1) | (<uint16_t>sc << 1) | ((sct & 0x7) << 9)
-                      | ((crd & 0x3) << 12) | (<uint16_t>(more != 0) << 14)
-                      | (<uint16_t>(dnr != 0) << 15))
-
-
+# the inline field accessors (status_sc, status_pack, ...): nvmefs/_core.pxd
 @cython.linetrace(False)
 @cython.profile(False)
 cdef int status_lookup(uint8_t sct, uint8_t sc, const char **name, const char **desc,

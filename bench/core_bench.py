@@ -15,7 +15,7 @@ import json
 import platform
 import sys
 
-from nvmefs import _core
+from nvmefs import _core, _model
 
 TARGETS = {  # ns, from the issue (step 1)
     "cid alloc+free": 20.0,
@@ -43,24 +43,24 @@ def main(argv=None):
         ns = best(fn, args.repeat)
         rows.append({"name": name, "ns": ns})
 
-    row("baseline: 64-byte SQE copy", lambda: _core.bench_sqe_copy(int(20_000_000 * s)))
-    row("cid alloc+free", lambda: _core.bench_cid(1024, int(20_000_000 * s)))
+    row("baseline: 64-byte SQE copy", lambda: _model.bench_sqe_copy(int(20_000_000 * s)))
+    row("cid alloc+free", lambda: _model.bench_cid(1024, int(20_000_000 * s)))
     for size, label in ((4096, "4 KiB"), (128 << 10, "128 KiB"), (1 << 20, "1 MiB"), (8 << 20, "8 MiB")):
         it = int(max(20_000, 4_000_000 * 4096 // size) * s)
-        row(f"PRP build {label}", lambda size=size, it=it: _core.bench_prp(arena, size, it))
+        row(f"PRP build {label}", lambda size=size, it=it: _model.bench_prp(arena, size, it))
     for n in (1, 16, 256):
         it = int(max(20_000, 4_000_000 // n) * s)
-        row(f"SGL build {n} segments", lambda n=n, it=it: _core.bench_sgl(arena, n, it))
+        row(f"SGL build {n} segments", lambda n=n, it=it: _model.bench_sgl(arena, n, it))
 
     regs = _core.RegisterFile(0x2000)
 
     def roundtrip(batch):
         qp = _core.QueuePair(arena, regs, 1, 256)
-        dev = _core.EchoDevice(qp, verify=False)
+        dev = _model.EchoDevice(qp, verify=False)
         dev.start()
         try:
             n = int(1_000_000 * s)
-            done, wrong, ns = _core.echo_stress(qp, dev, n, batch, 60.0)
+            done, wrong, ns = _model.echo_stress(qp, dev, n, batch, 60.0)
         finally:
             dev.stop()
         if done != n or wrong:

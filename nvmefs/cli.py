@@ -214,16 +214,15 @@ def cmd_format(args):
 
 
 def cmd_create_image(args):
-    from nvmefs import _core
+    from nvmefs.image import create_image, read_image_header
     if os.path.exists(args.image):
         raise UsageError(f"{args.image} already exists")
     if args.size % args.lba_size:
         raise UsageError(f"size {args.size} is not a multiple of the LBA size {args.lba_size}")
-    per = args.size // args.namespaces // args.lba_size * args.lba_size
-    _core.create_image(args.image, tuple((per, args.lba_size) for _ in range(args.namespaces)))
+    per = create_image(args.image, args.size, args.namespaces, args.lba_size)
     if args.preallocate:
         from nvmefs.progress import Progress
-        header = _core.read_image_header(args.image)
+        header = read_image_header(args.image)
         step = 64 << 20
         try:
             fd = os.open(args.image, os.O_RDWR)
@@ -278,15 +277,15 @@ def cmd_stats(args):
 def cmd_selfcheck(args):
     """Exercise the Cython core end to end: queue pairs driven against the
     native echo device, PRP/SGL building, status decoding."""
-    from nvmefs import _core
+    from nvmefs import _core, _model
 
     arena = _core.DmaArena(64 << 20)
     regs = _core.RegisterFile(0x2000)
     qp = _core.QueuePair(arena, regs, 1, 1024)
-    dev = _core.EchoDevice(qp)
+    dev = _model.EchoDevice(qp)
     dev.start()
     try:
-        done, wrong, ns = _core.echo_stress(qp, dev, args.commands, 8, 60.0)
+        done, wrong, ns = _model.echo_stress(qp, dev, args.commands, 8, 60.0)
     finally:
         dev.stop()
     ok = done == args.commands and wrong == 0 and dev.torn == 0

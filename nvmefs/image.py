@@ -10,6 +10,20 @@ def default_image():
     return os.path.join(base, "nvmefs", "nvme0.img")
 
 
+def create_image(path, size, namespaces, lba_size):
+    """A new sparse image of ``namespaces`` equal namespaces sharing ``size``
+    bytes; returns the bytes per namespace."""
+    from nvmefs._model import create_image as create
+    per = size // namespaces // lba_size * lba_size
+    create(path, tuple((per, lba_size) for _ in range(namespaces)))
+    return per
+
+
+def read_image_header(path):
+    from nvmefs._model import read_image_header as read
+    return read(path)
+
+
 def check_image(path, size, lba_size, create):
     """Returns True when the image must be created."""
     if os.path.exists(path):

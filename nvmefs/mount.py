@@ -29,7 +29,7 @@ import pyfuse3
 import trio
 
 from nvmefs.errors import UsageError, unwrap
-from nvmefs.image import check_image, default_image
+from nvmefs.image import check_image, create_image, default_image
 
 log = logging.getLogger("nvmefs.mount")
 
@@ -191,9 +191,7 @@ def run_mount(args):
     if args.background and not args.ready_fd:
         return spawn_background(args)
     if create:
-        from nvmefs import _core
-        per = args.size // args.namespaces // args.lba_size * args.lba_size
-        _core.create_image(image, tuple((per, args.lba_size) for _ in range(args.namespaces)))
+        per = create_image(image, args.size, args.namespaces, args.lba_size)
         print(f"nvmefs: created sparse image {image} ({args.namespaces} x {per} bytes, "
               f"{args.lba_size}-byte LBAs)", flush=True)
     from nvmefs.transport import ModelTransport

@@ -11,7 +11,7 @@ import errno
 import fcntl
 import os
 
-from nvmefs import _core
+from nvmefs import _core, _model
 
 
 class Transport:
@@ -49,7 +49,7 @@ class Transport:
 
 
 class ModelTransport(Transport):
-    """The built-in software controller (``_core.ControllerModel``) on a
+    """The built-in software controller (``_model.ControllerModel``) on a
     sparse image file, or in memory when ``image`` is None."""
 
     def __init__(self, image=None, *, namespaces=None, create=True,
@@ -71,7 +71,7 @@ class ModelTransport(Transport):
         try:
             self.arena = _core.DmaArena(arena_size)
             self.regs = _core.RegisterFile(0x1000 + 2 * (max_io_queues + 1) * (4 << dstrd))
-            self.model = _core.ControllerModel(self.arena, self.regs, image=image,
+            self.model = _model.ControllerModel(self.arena, self.regs, image=image,
                                                create=create, max_io_queues=max_io_queues, dstrd=dstrd,
                                                **model_kw)
             self._max_vectors = max_io_queues + 1

@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from nvmefs import _core
+from nvmefs import _core, _model
 from nvmefs.errors import QueueBusy
 
 from conftest import sqe_cid, sqe_dptr
@@ -132,13 +132,13 @@ def test_defect2_sq_head_not_inferred_from_completion_count(arena, regs, fake):
 def test_defect3_submission_touches_only_its_own_doorbells(arena):
     regs = _core.RegisterFile(0x2000)
     pairs = [_core.QueuePair(arena, regs, q, 128) for q in (1, 2)]
-    devs = [_core.EchoDevice(qp) for qp in pairs]
+    devs = [_model.EchoDevice(qp) for qp in pairs]
     for d in devs:
         d.start()
     results = [None, None]
 
     def run(i):
-        results[i] = _core.echo_stress(pairs[i], devs[i], 100_000, 4, 30.0)
+        results[i] = _model.echo_stress(pairs[i], devs[i], 100_000, 4, 30.0)
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
     try:
@@ -240,10 +240,10 @@ def test_defect5_each_cid_keeps_its_own_completion(arena, regs, fake):
 
 def test_defect6_doorbell_published_only_after_entry_complete(arena, regs):
     qp = _core.QueuePair(arena, regs, 1, 64)
-    dev = _core.EchoDevice(qp)
+    dev = _model.EchoDevice(qp)
     dev.start()
     try:
-        done, wrong, _ns = _core.echo_stress(qp, dev, 300_000, 1, 60.0)
+        done, wrong, _ns = _model.echo_stress(qp, dev, 300_000, 1, 60.0)
     finally:
         dev.stop()
     assert done == 300_000 and wrong == 0
@@ -255,10 +255,10 @@ def test_defect6_checker_catches_doorbell_before_entry(arena, regs):
     # or the test above proves nothing
     qp = _core.QueuePair(arena, regs, 2, 64)
     qp._set_doorbell_first(True)
-    dev = _core.EchoDevice(qp)
+    dev = _model.EchoDevice(qp)
     dev.start()
     try:
-        _core.echo_stress(qp, dev, 200_000, 1, 5.0)
+        _model.echo_stress(qp, dev, 200_000, 1, 5.0)
     finally:
         dev.stop()
     assert dev.torn > 0
@@ -275,22 +275,22 @@ def test_echo_device_ignores_doorbells_left_by_an_earlier_queue(arena, regs, bat
     # is what happened by chance in the bench.
     import time
     first = _core.QueuePair(arena, regs, 1, 256)
-    dev = _core.EchoDevice(first, verify=False)
+    dev = _model.EchoDevice(first, verify=False)
     dev.start()
     try:
-        assert _core.echo_stress(first, dev, 256 + 64, batch, 10.0)[0] == 256 + 64
+        assert _model.echo_stress(first, dev, 256 + 64, batch, 10.0)[0] == 256 + 64
     finally:
         dev.stop()
     assert regs.read32(regs.doorbell_offset(1, False)) == 64
     assert regs.read32(regs.doorbell_offset(1, True)) == 64
     qp = _core.QueuePair(arena, regs, 1, 256)
-    dev = _core.EchoDevice(qp)
+    dev = _model.EchoDevice(qp)
     assert regs.read32(regs.doorbell_offset(1, False)) == qp.sq_tail == 0
     assert regs.read32(regs.doorbell_offset(1, True)) == qp.cq_head == 0
     dev.start()
     try:
         time.sleep(0.05)
-        done, wrong, _ns = _core.echo_stress(qp, dev, 5_000, batch, 10.0)
+        done, wrong, _ns = _model.echo_stress(qp, dev, 5_000, batch, 10.0)
     finally:
         dev.stop()
     assert (done, wrong) == (5_000, 0)

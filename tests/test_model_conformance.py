@@ -1,4 +1,4 @@
-"""Conformance of the in-process controller model (_core.ControllerModel):
+"""Conformance of the in-process controller model (_model.ControllerModel):
 registers, admin and I/O commands with their exact statuses, data pointer
 validation, fault injection, shadow doorbells and the image store.
 
@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from nvmefs import _core
+from nvmefs import _core, _model
 
 from model_harness import (BIT_BUCKET, CC_READY, DATA, LAST_SEGMENT, PAGE, REG_AQA, REG_ASQ,
                            REG_ACQ, REG_CAP, REG_CC, REG_CSTS, REG_VS, SEGMENT, Host, Ring,
@@ -49,8 +49,8 @@ def make_host(tmp_path):
             kw.setdefault("namespaces", ((NS_SIZE, 512),))
         kw.setdefault("max_io_queues", NQ)
         arena = _core.DmaArena(arena_size)
-        regs = _core.RegisterFile(_core.model_regs_size(kw["max_io_queues"], kw.get("dstrd", 0)))
-        model = _core.ControllerModel(arena, regs, **kw)
+        regs = _core.RegisterFile(_model.model_regs_size(kw["max_io_queues"], kw.get("dstrd", 0)))
+        model = _model.ControllerModel(arena, regs, **kw)
         models.append(model)
         model.start()
         host = Host(model, arena, regs, kw.get("dstrd", 0))
@@ -866,7 +866,7 @@ def test_image_persistence(make_host, tmp_path):
     h.model.stop()                                          # idempotent
     with pytest.raises(RuntimeError):
         h.model.start()
-    info = _core.read_image_header(str(path))
+    info = _model.read_image_header(str(path))
     assert [(n["size"], n["lba_size"]) for n in info["namespaces"]] == [(NS_SIZE, 512), (16 << 20, 512)]
     assert info["clean"] and info["power_cycles"] == 1
     assert all(n["offset"] % (1 << 20) == 0 for n in info["namespaces"])
@@ -883,8 +883,8 @@ def test_image_persistence(make_host, tmp_path):
 
 def test_image_errors(make_host, tmp_path):
     arena = _core.DmaArena(1 << 20)
-    regs = _core.RegisterFile(_core.model_regs_size(4))
-    mk = lambda path, **kw: _core.ControllerModel(arena, regs, image=str(path), max_io_queues=4, **kw)
+    regs = _core.RegisterFile(_model.model_regs_size(4))
+    mk = lambda path, **kw: _model.ControllerModel(arena, regs, image=str(path), max_io_queues=4, **kw)
     with pytest.raises(FileNotFoundError):
         mk(tmp_path / "missing.img", create=False)
     junk = tmp_path / "junk.img"
@@ -892,19 +892,19 @@ def test_image_errors(make_host, tmp_path):
     with pytest.raises(ValueError, match="NVMEFSIMG1"):
         mk(junk)
     with pytest.raises(ValueError, match="NVMEFSIMG1"):
-        _core.read_image_header(str(junk))
+        _model.read_image_header(str(junk))
     good = tmp_path / "good.img"
-    _core.create_image(str(good), ((1 << 20, 512),))
+    _model.create_image(str(good), ((1 << 20, 512),))
     with pytest.raises(FileExistsError):
-        _core.create_image(str(good), ((1 << 20, 512),))
+        _model.create_image(str(good), ((1 << 20, 512),))
     # an existing image's header wins over the namespaces argument
     m = mk(good, namespaces=((2 << 20, 4096),))
     assert [(n["size"], n["lba_size"]) for n in m.namespaces] == [(1 << 20, 512)]
     m.stop()
     with pytest.raises(ValueError, match="LBA size"):
-        _core.create_image(str(tmp_path / "x.img"), ((1 << 20, 520),))
+        _model.create_image(str(tmp_path / "x.img"), ((1 << 20, 520),))
     ro = tmp_path / "ro.img"
-    _core.create_image(str(ro), ((1 << 20, 512),))
+    _model.create_image(str(ro), ((1 << 20, 512),))
     os.chmod(ro, 0o444)
     with pytest.raises(PermissionError, match="ro.img"):
         mk(ro)
@@ -924,9 +924,9 @@ def test_constructor_validation():
     arena = _core.DmaArena(1 << 20)
     small = _core.RegisterFile(0x1000 + 16)
     with pytest.raises(ValueError, match="too small"):
-        _core.ControllerModel(arena, small, max_io_queues=64)
-    regs = _core.RegisterFile(_core.model_regs_size(4))
+        _model.ControllerModel(arena, small, max_io_queues=64)
+    regs = _core.RegisterFile(_model.model_regs_size(4))
     for kw in ({"sgl": "maybe"}, {"mqes": 0}, {"namespaces": ((1000, 512),)},
                {"namespaces": ((1 << 20, 1024),)}, {"serial": "x" * 21}):
         with pytest.raises(ValueError):
-            _core.ControllerModel(arena, regs, max_io_queues=4, **kw)
+            _model.ControllerModel(arena, regs, max_io_queues=4, **kw)
