@@ -12,7 +12,7 @@ from libc.string cimport memcpy, memset, memcmp, memmove, strlen
 from libc.stdlib cimport malloc, calloc, free, realloc
 from libc.errno cimport errno, EAGAIN, EBUSY, EINVAL, ENOMEM
 from posix.unistd cimport write, read, close
-from posix.mman cimport mmap, munmap, PROT_READ, PROT_WRITE, MAP_PRIVATE, MAP_ANONYMOUS, MAP_FAILED
+from posix.mman cimport mmap, munmap, PROT_READ, PROT_WRITE, MAP_PRIVATE, MAP_SHARED, MAP_ANONYMOUS, MAP_FAILED
 
 from nvme_spec cimport *
 from barrier cimport *

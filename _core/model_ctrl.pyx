@@ -1064,6 +1064,23 @@ cdef class ControllerModel:
             c.store.ns[i].mem = NULL
             mdl_ns_set_format(&c.store.ns[i], lbaf)
         c.store.nns = len(layout)
+        self._map_image(layout)
+
+    cdef _map_image(self, layout):
+        cdef mdl_ctrl *c = self.c
+        cdef void *p
+        start = min(off for _size, off, _lbaf in layout)
+        end = max(off + size for size, off, _lbaf in layout)
+        mdl_bus_guard_install()
+        p = mdl_mmap(NULL, end - start, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_NORESERVE,
+                     c.store.fd, start)
+        if p == MAP_FAILED:
+            _log.info("%s: cannot map the image (%s); writing with pwritev",
+                      self.image_path, _os.strerror(mdl_errno()))
+            return
+        c.store.map = <uint8_t *>p
+        c.store.map_off = start
+        c.store.map_len = end - start
 
     cdef _power_on(self):
         cdef mdl_ctrl *c = self.c
@@ -1115,6 +1132,10 @@ cdef class ControllerModel:
             f = self.image_file
             self.image_file = None
             c.store.fd = -1
+            if c.store.map != NULL:
+                # dirty pages stay in the page cache; the fsync below writes them
+                munmap(c.store.map, c.store.map_len)
+                c.store.map = NULL
             try:
                 info = read_image_header(self.image_path)
                 layout = [(ns["size"], ns["offset"], ns["lbaf"]) for ns in info["namespaces"]]

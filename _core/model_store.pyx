@@ -29,8 +29,14 @@
 # The memory store maps each namespace anonymously with MAP_NORESERVE, so an
 # untouched namespace costs nothing; deallocation gives pages back with
 # MADV_DONTNEED.  Data moves through iovec lists built from the host's PRPs
-# or SGLs (model_dma.pyx): preadv/pwritev on the image, memcpy in memory;
-# nothing ever copies a whole namespace.
+# or SGLs (model_dma.pyx); nothing ever copies a whole namespace.  On an
+# image, writes are one memcpy into a shared mapping of the file (guarded
+# against SIGBUS, see model_sys.h; pwritev when the mapping faults or could
+# not be made), reads are preadv: a read fault on a hole of a tmpfs file
+# would allocate the page, where preadv returns zeroes and allocates nothing
+# (a 1 TiB sparse image read end to end must not fill memory).  Writes made
+# through the mapping are in the page cache like pwritev's, and fdatasync
+# (Flush, FUA, the volatile write cache off) writes them back the same way.
 
 cimport libc.errno as _merrno
 
@@ -62,6 +68,8 @@ cdef extern from "model_sys.h" nogil:
     int mdl_eventfd_signal(int fd)
     void mdl_eventfd_drain(int fd)
     int mdl_wait_readable(int fd, int timeout_ms)
+    int mdl_map_write(uint8_t *dst, const mdl_iovec *iov, uint32_t n)
+    void mdl_bus_guard_install()
 
 cdef enum:
     MDL_MAX_NS = 16
@@ -83,6 +91,9 @@ cdef struct mdl_ns:
 
 cdef struct mdl_store:
     int fd                 # image file, -1 for the memory store
+    uint8_t *map           # the image's namespaces, mapped shared (writes); NULL: pwritev only
+    uint64_t map_off       # file offset of map[0]
+    uint64_t map_len
     uint32_t nns
     mdl_ns ns[16]
     uint64_t power_cycles
@@ -118,6 +129,8 @@ cdef int mdl_store_rw(mdl_store *s, mdl_ns *ns, uint64_t off, mdl_iovec *iov, ui
             p += iov[i].iov_len
         return 0
     off += ns.data_off
+    if write and s.map != NULL and mdl_map_write(s.map + (off - s.map_off), iov, n) == 0:
+        return 0
     while i < n:
         cnt = n - i
         if cnt > <uint32_t>MDL_IOV_MAX:

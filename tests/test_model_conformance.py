@@ -8,11 +8,14 @@ real QueuePair instead.  Every wait has a deadline."""
 import os
 import select
 import struct
+import subprocess
 import time
 
 import pytest
 
 from nvmefs import _core, _model
+
+from conftest import require
 
 from model_harness import (BIT_BUCKET, CC_READY, DATA, LAST_SEGMENT, PAGE, REG_AQA, REG_ASQ,
                            REG_ACQ, REG_CAP, REG_CC, REG_CSTS, REG_VS, SEGMENT, Host, Ring,
@@ -880,6 +883,43 @@ def test_image_persistence(make_host, tmp_path):
     assert h2.io(0x08, nsid=1, cdw10=1000, cdw12=255 | (1 << 25)).status == 0
     assert h2.read(1000, 4096)[1] == bytes(4096)
 
+
+
+def test_full_file_system_fails_the_write_not_the_model(make_host, tmp_path):
+    """Writes go through a shared mapping of the image.  On a file system
+    that cannot back a page (a sparse image on a full tmpfs) the copy raises
+    SIGBUS: that write must complete with Write Fault, this process and the
+    model must live, written data must stay readable, and freeing space must
+    make writes succeed again."""
+    require(os.geteuid() == 0, "root (mounts a 4 MiB tmpfs)")
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)], check=True)
+    try:
+        h = make_host(image=str(mnt / "full.img"), namespaces=((64 << 20, 512),))
+        h.create_io(1)
+        chunk = 128 * 1024
+        written, faults = [], 0
+        for i in range(64):                   # 8 MiB into 4 MiB of tmpfs
+            c = h.write(i * (chunk // 512), pattern(chunk, i))
+            if c.status == 0:
+                written.append(i)
+            else:
+                assert status_of(c)[:2] == (2, 0x80), c     # Media Errors / Write Fault
+                faults += 1
+        assert faults and len(written) >= 16, (written, faults)
+        for i in written:
+            c, data = h.read(i * (chunk // 512), chunk)
+            assert c.status == 0 and data == pattern(chunk, i), i
+        # Deallocate the first MiB: the holes give the space back, and a write
+        # that failed for want of it now succeeds
+        assert h.io(0x08, nsid=1, cdw10=0, cdw12=(1 << 20) // 512 - 1 | (1 << 25)).status == 0
+        lost = next(i for i in range(64) if i not in written)
+        assert h.write(lost * (chunk // 512), pattern(chunk, 99)).status == 0
+        assert h.read(lost * (chunk // 512), chunk)[1] == pattern(chunk, 99)
+        h.model.stop()
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 def test_image_errors(make_host, tmp_path):
     arena = _core.DmaArena(1 << 20)

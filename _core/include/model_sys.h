@@ -10,6 +10,9 @@
 #include <poll.h>
 #include <pthread.h>
 #include <sched.h>
+#include <setjmp.h>
+#include <signal.h>
+#include <string.h>
 #include <unistd.h>
 #include <sys/eventfd.h>
 #include <sys/file.h>
@@ -57,5 +60,63 @@ static inline int mdl_wait_readable(int fd, int timeout_ms)
 }
 
 static inline int mdl_errno(void) { return errno; }
+
+/* Writes into an image go through its shared mapping (one memcpy; no system
+ * call and no page cache lookup per page, which pwritev costs).  A page the
+ * file system cannot back -- ENOSPC on a sparse image, an I/O error --
+ * raises SIGBUS on the copying thread instead of returning an error.  The
+ * guard turns that into -EFAULT for this copy; the caller then redoes the
+ * transfer with pwritev, which reports the real errno as a status.
+ * SA_NODEFER: the guard leaves the handler by siglongjmp without restoring
+ * the signal mask (sigsetjmp(env, 0) saves none: no system call per copy),
+ * so SIGBUS must not be blocked while the handler runs. */
+static __thread sigjmp_buf *volatile mdl_bus_guard;
+static struct sigaction mdl_bus_prev;
+static pthread_once_t mdl_bus_once = PTHREAD_ONCE_INIT;
+
+static void mdl_bus_handler(int sig, siginfo_t *si, void *uc)
+{
+    sigjmp_buf *g = mdl_bus_guard;
+    (void)si; (void)uc;
+    if (g) {
+        mdl_bus_guard = NULL;
+        siglongjmp(*g, 1);
+    }
+    /* Not a guarded copy: put the previous disposition back and return; the
+     * faulting access runs again and reaches it (faulthandler, or the
+     * default core dump). */
+    sigaction(sig, &mdl_bus_prev, NULL);
+}
+
+static void mdl_bus_install(void)
+{
+    struct sigaction sa;
+    memset(&sa, 0, sizeof(sa));
+    sa.sa_sigaction = mdl_bus_handler;
+    sa.sa_flags = SA_SIGINFO | SA_NODEFER | SA_ONSTACK;
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGBUS, &sa, &mdl_bus_prev);
+}
+
+static inline void mdl_bus_guard_install(void) { pthread_once(&mdl_bus_once, mdl_bus_install); }
+
+/* Copy the iovecs to dst, back to back; 0, or -EFAULT when the mapping
+ * faulted (part of the data may have been written). */
+static __attribute__((noinline)) int mdl_map_write(uint8_t *dst, const struct iovec *iov, uint32_t n)
+{
+    sigjmp_buf env;
+    uint32_t i;
+    if (sigsetjmp(env, 0))
+        return -EFAULT;
+    mdl_bus_guard = &env;
+    __atomic_signal_fence(__ATOMIC_SEQ_CST);
+    for (i = 0; i < n; i++) {
+        memcpy(dst, iov[i].iov_base, iov[i].iov_len);
+        dst += iov[i].iov_len;
+    }
+    __atomic_signal_fence(__ATOMIC_SEQ_CST);
+    mdl_bus_guard = NULL;
+    return 0;
+}
 
 #endif
