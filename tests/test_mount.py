@@ -173,7 +173,9 @@ def test_fio_verify_aligned_unaligned_and_overlapping(paths):
             "--offset_increment=4194804")
         st = stats(mnt)
         assert st["lanes"]["errors"] == 0 and lane_totals(st, "rmw") > 0, st["lanes"]
-        assert lane_totals(st, "max_in_flight") >= 8, st["lanes"]
+        # how many were in flight together is the scheduler's business (a
+        # loaded machine can serialise them); test_lanes holds 32 at the
+        # controller at once with an injected delay, deterministically
         assert lane_totals(st, "in_flight") == 0
 
 

@@ -340,7 +340,11 @@ def test_mount_over_vfio_and_fio_verify(bdf, tmp_path):
         la = json.loads(os.getxattr(mnt, "user.nvmefs.stats"))["lanes"]
         assert len(la["lanes"]) == 2, la
         assert sum(ln["writes"] for ln in la["lanes"]) >= 512 + 8, la
-        assert max(ln["max_in_flight"] for ln in la["lanes"]) >= 2 and la["errors"] == 0, la
+        # no assertion on max_in_flight: how many requests the kernel hands a
+        # lane at once depends on scheduling in a 1-CPU TCG guest (a CI run
+        # saw 1); several commands outstanding on QEMU's queues is checked
+        # by test_more_tasks_than_queue_slots, which controls its own depth
+        assert la["errors"] == 0, la
         # fallocate on QEMU's controller: punch hole (Write Zeroes with DEAC)
         # and zero range, unaligned edges read-modify-written, 4 KiB LBAs
         import ctypes
