@@ -987,7 +987,7 @@ cdef class LaneSet:
                 or self.sh.mtime == NULL or self.sh.lane_of_cpu == NULL or self.tables[0] == NULL
                 or self.tables[1] == NULL):
             raise MemoryError()
-        for i in range(LANE_MAX_CPUS):
+        for i in range(<uint32_t>LANE_MAX_CPUS):
             self.sh.lane_of_cpu[i] = -1
         fd = lane_eventfd()
         if fd < 0:

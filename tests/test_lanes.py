@@ -77,6 +77,9 @@ async def test_writes_that_share_an_lba_never_lose_each_other():
     write's old bytes back over the other's."""
     async with lanes_rig(cpus=(0, 1)) as rig:
         await rig.write(0, bytes(64 * KiB))
+        # the first writes stay at the controller for a while, so their
+        # neighbours must meet the range lock whatever the scheduling
+        rig.model.inject(IO_WRITE, action="delay", delay_ms=50, count=4)
         ref = bytearray(64 * KiB)
         rnd = random.Random(9)
         for _ in range(20):
