@@ -50,12 +50,14 @@ test-debug: debug
 	$(PY) -m pytest $(PYTEST_ARGS)
 	$(PY) setup.py -q build_ext --inplace --force
 
-# the fio matrix compares against qemu-storage-daemon (Debian qemu-system-common)
+# the fio matrix compares against bench/cmemfs (C on libfuse) and
+# qemu-storage-daemon (Debian qemu-system-common)
 bench: build
 	@dpkg -s qemu-system-common >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq qemu-system-common; }
 	$(PY) -m pip install -q -e '.[bench]'
 	mkdir -p bench/results
+	cc -O2 -Wall -Wextra -o bench/cmemfs bench/cmemfs.c $$(pkg-config --cflags --libs fuse3)
 	$(PY) bench/core_bench.py --json bench/results/core_bench.json
 	$(PY) bench/fio_bench.py --out bench/results
 
