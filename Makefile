@@ -59,6 +59,7 @@ bench: build
 	mkdir -p bench/results
 	cc -O2 -Wall -Wextra -o bench/cmemfs bench/cmemfs.c $$(pkg-config --cflags --libs fuse3)
 	$(PY) bench/core_bench.py --json bench/results/core_bench.json
+	$(PY) bench/ioworker.py --json bench/results/ioworker.json
 	$(PY) bench/fio_bench.py --out bench/results
 
 clean:

@@ -28,6 +28,8 @@ cdef extern from "model_sys.h" nogil:
     int mdl_pthread_create "pthread_create"(mdl_pthread_t *t, const void *attr,
                                             void *(*start)(void *) noexcept nogil, void *arg)
     int mdl_pthread_join "pthread_join"(mdl_pthread_t t, void **ret)
+    int mdl_pthread_getcpuclockid "pthread_getcpuclockid"(mdl_pthread_t t, int *clk)
+    int mdl_clock_gettime_ns(int clk, uint64_t *ns)
     int mdl_mutex_init "pthread_mutex_init"(mdl_mutex *m, const void *attr)
     int mdl_mutex_destroy "pthread_mutex_destroy"(mdl_mutex *m)
     int mdl_mutex_lock "pthread_mutex_lock"(mdl_mutex *m)
@@ -149,6 +151,7 @@ cdef struct mdl_ctrl:
     uint32_t to
     uint8_t vwc
     uint8_t polled
+    uint8_t null_data        # bench only: reads and writes move no data (see ControllerModel)
     char serial[21]
     char model[41]
     mdl_store store
@@ -885,7 +888,12 @@ cdef class ControllerModel:
     comment and README).  ``ControllerModel(arena, regs, *, namespaces=None,
     image=None, create=True, max_io_queues=64, mqes=1023, mdts=9,
     sgl="bitbucket", vwc=True, dstrd=0, timeout_500ms=20, polled=False,
-    serial=..., model_name=..., wzsl=0, dmrl=0, dmrsl=0, dmsl=0)``.
+    serial=..., model_name=..., wzsl=0, dmrl=0, dmrsl=0, dmsl=0,
+    null_data=False)``.
+
+    ``null_data``: for benchmarks of the protocol alone: Read and Write are
+    checked and their data pointers walked as always, but no byte moves
+    between the store and host memory (a read leaves the buffer as it was).
 
     ``wzsl``/``dmrl``/``dmrsl``/``dmsl``: the NVM command set limits reported
     by Identify CNS 06h and enforced (Invalid Field; QEMU skips a DSM range
@@ -912,7 +920,8 @@ cdef class ControllerModel:
                   uint32_t mdts=9, str sgl="bitbucket", bint vwc=True, uint32_t dstrd=0,
                   uint32_t timeout_500ms=20, bint polled=False, str serial="NVMEFS0000001",
                   str model_name="nvmefs software controller", double idle_spin_us=50,
-                  uint32_t wzsl=0, uint32_t dmrl=0, uint32_t dmrsl=0, uint64_t dmsl=0):
+                  uint32_t wzsl=0, uint32_t dmrl=0, uint32_t dmrsl=0, uint64_t dmsl=0,
+                  bint null_data=False):
         self.c = NULL
         self.arena = arena
         self.regs = regs
@@ -962,6 +971,7 @@ cdef class ControllerModel:
         c.vwc = vwc
         c.wce = vwc
         c.polled = polled
+        c.null_data = null_data
         # how long the thread busy-polls before sleeping: a wake-up costs tens
         # of microseconds on a VM, spinning costs a core the host may need
         c.idle_ns = <uint64_t>(idle_spin_us * 1000) if idle_spin_us > 0 else 0
@@ -1105,6 +1115,17 @@ cdef class ControllerModel:
         if mdl_pthread_create(&self.thread, NULL, mdl_thread_main, self.c) != 0:
             raise OSError("cannot start the controller model thread")
         self.running = True
+
+    def thread_cpu_ns(self):
+        """CPU time the controller thread has used (ns): the device's share of
+        a benchmark, apart from the host threads'."""
+        cdef int clk
+        cdef uint64_t ns
+        if not self.running or mdl_pthread_getcpuclockid(self.thread, &clk) != 0:
+            return 0
+        if mdl_clock_gettime_ns(clk, &ns) != 0:
+            return 0
+        return ns
 
     cdef void _join(self) noexcept:
         if self.running:
@@ -1361,4 +1382,5 @@ cdef class ControllerModel:
             "held": c.nheld, "sleeps": c.sleeps, "power_cycles": c.store.power_cycles,
             "ready": bool(c.ready), "fatal": bool(c.fatal), "hung": bool(mdl_load_int(&c.hung)),
             "shadow_doorbells": bool(c.dbbuf),
+            "busy_ns": c.busy_ns,
         }

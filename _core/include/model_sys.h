@@ -13,6 +13,7 @@
 #include <setjmp.h>
 #include <signal.h>
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
 #include <sys/eventfd.h>
 #include <sys/file.h>
@@ -60,6 +61,15 @@ static inline int mdl_wait_readable(int fd, int timeout_ms)
 }
 
 static inline int mdl_errno(void) { return errno; }
+
+static inline int mdl_clock_gettime_ns(int clk, uint64_t *ns)
+{
+    struct timespec ts;
+    if (clock_gettime((clockid_t)clk, &ts) != 0)
+        return -1;
+    *ns = (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+    return 0;
+}
 
 /* Writes into an image go through its shared mapping (one memcpy; no system
  * call and no page cache lookup per page, which pwritev costs).  A page the
