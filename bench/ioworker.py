@@ -29,6 +29,7 @@ import trio
 
 from nvmefs import _core, _model
 from nvmefs.controller import open_controller
+from nvmefs.queue import HandedQueues
 from nvmefs.transport import ModelTransport
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
@@ -50,30 +51,6 @@ ROWS = [
     ("read 128k QD32 SGL", 1, 32, 128 * KiB, 100, True, "sgl"),
     ("write 128k QD32", 1, 32, 128 * KiB, 0, True, "prp"),
 ]
-
-
-class BenchQueues:
-    """A queue owner (like the mount's lanes): the controller creates its
-    queues and hands them over; nothing else submits to them."""
-
-    name = "ioworker"
-    bounce_bytes = 0
-
-    def __init__(self, n):
-        self.wants = n
-        self.queues = []
-
-    async def attach(self, ctrl, queues):
-        self.queues = queues
-
-    async def quiesce(self):
-        pass
-
-    def detach(self, exc):
-        self.queues = []
-
-    async def fail(self, dma_unsafe=False):
-        self.queues = []
 
 
 def run_row(qps, arena, row, seconds, nlba):
@@ -110,7 +87,7 @@ def merge(parts):
 async def model_rows(rows, seconds, repeat, null_data):
     nq = max(r[1] for r in rows)
     t = ModelTransport(None, namespaces=((NS_BYTES, LBA),), null_data=null_data, arena_size=256 * MiB)
-    owner = BenchQueues(nq)
+    owner = HandedQueues(nq)
     results = {}
     try:
         async with open_controller(t, io_queues=1, queue_entries=ENTRIES, polled=True, owners=[owner],

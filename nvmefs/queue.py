@@ -348,3 +348,29 @@ class TrioQueues:
     def pick(self):
         self.rr = (self.rr + 1) % len(self.queues)
         return self.queues[self.rr]
+
+
+class HandedQueues:
+    """A queue owner that only takes its queues: for code that drives the
+    queue pairs itself from its own native threads (bench/ioworker.py, the
+    tests of that loop).  Around a reset it has nothing to park; its user
+    must not submit while one runs (the bench never resets)."""
+
+    name = "handed"
+    bounce_bytes = 0
+
+    def __init__(self, count):
+        self.wants = count
+        self.queues = []
+
+    async def attach(self, ctrl, queues):
+        self.queues = queues
+
+    async def quiesce(self):
+        pass
+
+    def detach(self, exc):
+        self.queues = []
+
+    async def fail(self, dma_unsafe=False):
+        self.queues = []

@@ -9,32 +9,11 @@ import trio
 
 from nvmefs import _model
 from nvmefs.controller import open_controller
+from nvmefs.queue import HandedQueues
 from nvmefs.transport import ModelTransport
 
 KiB, MiB = 1 << 10, 1 << 20
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-class Owner:
-    """The smallest queue owner: takes its queues, gives them back."""
-    name = "test"
-    bounce_bytes = 0
-
-    def __init__(self, n=1):
-        self.wants = n
-        self.queues = []
-
-    async def attach(self, ctrl, queues):
-        self.queues = queues
-
-    async def quiesce(self):
-        pass
-
-    def detach(self, exc):
-        self.queues = []
-
-    async def fail(self, dma_unsafe=False):
-        self.queues = []
 
 
 def work(t, owner, **kw):
@@ -46,7 +25,7 @@ def work(t, owner, **kw):
 
 async def test_every_command_counted_once_and_latencies_ordered():
     t = ModelTransport(namespaces=((64 * MiB, 512),), arena_size=64 * MiB)
-    owner = Owner()
+    owner = HandedQueues(1)
     try:
         async with open_controller(t, io_queues=1, queue_entries=64, polled=True, owners=[owner]) as c:
             nlba = c.namespaces[1].nlbas
@@ -72,7 +51,7 @@ async def test_every_command_counted_once_and_latencies_ordered():
 
 async def test_forced_sgl_on_a_controller_without_them_fails_every_command():
     t = ModelTransport(namespaces=((16 * MiB, 512),), arena_size=64 * MiB, sgl="off")
-    owner = Owner()
+    owner = HandedQueues(1)
     try:
         async with open_controller(t, io_queues=1, queue_entries=64, polled=True, owners=[owner]) as c:
             r = await work(t, owner, nlba=c.namespaces[1].nlbas, qd=4, dptr="sgl", max_ios=100)
@@ -86,7 +65,7 @@ async def test_forced_sgl_on_a_controller_without_them_fails_every_command():
 async def test_null_data_moves_no_byte_but_checks_every_command(tmp_path):
     img = str(tmp_path / "null.img")
     t = ModelTransport(img, namespaces=((16 * MiB, 512),), arena_size=64 * MiB, null_data=True)
-    owner = Owner()
+    owner = HandedQueues(1)
     try:
         async with open_controller(t, io_queues=1, queue_entries=64, polled=True, owners=[owner]) as c:
             ns = c.namespaces[1]
