@@ -505,6 +505,8 @@ cdef int mdl_format(mdl_ctrl *c, mdl_cmdctx *x) noexcept nogil:
         return MST_FORMAT_INVALID | MST_DNR     # no metadata, no protection information
     if ses > 1:
         return MST_INVALID_FIELD | MST_DNR      # no cryptographic erase
+    if c.store.raw and lbaf != c.store.ns[0].lbaf:
+        return MST_FORMAT_INVALID | MST_DNR     # a raw image has no header to keep an LBA size in
     for i in range(first, last):
         if ses == 1 and mdl_store_zero(&c.store, &c.store.ns[i], 0, c.store.ns[i].size, True) < 0:
             return MST_INTERNAL

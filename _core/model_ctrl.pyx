@@ -889,7 +889,11 @@ cdef class ControllerModel:
     image=None, create=True, max_io_queues=64, mqes=1023, mdts=9,
     sgl="bitbucket", vwc=True, dstrd=0, timeout_500ms=20, polled=False,
     serial=..., model_name=..., wzsl=0, dmrl=0, dmrsl=0, dmsl=0,
-    null_data=False)``.
+    null_data=False, raw_lba_size=512)``.
+
+    ``image``: an nvmefs image, or a raw disk image or block device (no
+    NVMEFSIMG1 magic): one namespace over all of it, of ``raw_lba_size``-byte
+    LBAs, never written but for the host's data.
 
     ``null_data``: for benchmarks of the protocol alone: Read and Write are
     checked and their data pointers walked as always, but no byte moves
@@ -913,6 +917,7 @@ cdef class ControllerModel:
     cdef readonly bint closed
     cdef readonly object image_path
     cdef object image_file        # Python file object holding the fd and its lock
+    cdef readonly bint raw           # a raw image or block device (no header)
     cdef uint64_t opened_ns
 
     def __cinit__(self, DmaArena arena not None, RegisterFile regs not None, *, namespaces=None,
@@ -921,7 +926,7 @@ cdef class ControllerModel:
                   uint32_t timeout_500ms=20, bint polled=False, str serial="NVMEFS0000001",
                   str model_name="nvmefs software controller", double idle_spin_us=50,
                   uint32_t wzsl=0, uint32_t dmrl=0, uint32_t dmrsl=0, uint64_t dmsl=0,
-                  bint null_data=False):
+                  bint null_data=False, uint32_t raw_lba_size=512):
         self.c = NULL
         self.arena = arena
         self.regs = regs
@@ -1005,7 +1010,7 @@ cdef class ControllerModel:
             raise OSError(_errno_mod.EMFILE, "cannot create the kick eventfd")
 
         if image is not None:
-            self._open_image(_os.fspath(image), namespaces, create)
+            self._open_image(_os.fspath(image), namespaces, create, raw_lba_size)
         else:
             self._open_memory(namespaces if namespaces is not None else ((1 << 30, 512),))
         self.opened_ns = nvmefs_now_ns()
@@ -1029,22 +1034,30 @@ cdef class ControllerModel:
             mdl_ns_set_format(&c.store.ns[i], lbaf)
             c.store.nns = i + 1
 
-    cdef _open_image(self, str path, namespaces, bint create):
+    cdef _open_image(self, str path, namespaces, bint create, uint32_t raw_lba_size):
         cdef mdl_ctrl *c = self.c
         if not _os.path.exists(path):
             if not create:
                 raise FileNotFoundError(_errno_mod.ENOENT, "image file does not exist", path)
             create_image(path, namespaces if namespaces is not None else ((1 << 30, 512),))
         st = _os.stat(path)
-        if not _stat.S_ISREG(st.st_mode):
-            raise ValueError(f"{path}: not a regular file")
+        if not (_stat.S_ISREG(st.st_mode) or _stat.S_ISBLK(st.st_mode)):
+            raise ValueError(f"{path}: not a regular file or a block device")
         if not st.st_mode & 0o222:
             # refused even for root, who could open it anyway
             raise PermissionError(_errno_mod.EACCES, "image file is read-only", path)
-        f = open(path, "r+b", buffering=0)
+        try:
+            f = open(path, "r+b", buffering=0)
+        except OSError as exc:
+            if exc.errno in (_errno_mod.EROFS, _errno_mod.EACCES, _errno_mod.EPERM):
+                raise PermissionError(exc.errno, "image is read-only", path) from None
+            raise
         try:
             _lock_image(f.fileno(), path)
-            info = read_image_header(path)
+            info = probe_image(path)
+            if info["format"] == "raw":
+                f = self._open_raw(f, path, info, raw_lba_size)
+                return
             nss = info["namespaces"]
             if namespaces is not None:
                 want = [(int(s), int(l)) for s, l in namespaces]
@@ -1075,6 +1088,32 @@ cdef class ControllerModel:
             mdl_ns_set_format(&c.store.ns[i], lbaf)
         c.store.nns = len(layout)
         self._map_image(layout)
+
+    cdef _open_raw(self, f, str path, info, uint32_t lba):
+        """One namespace over the whole raw image, of ``lba``-byte LBAs."""
+        cdef mdl_ctrl *c = self.c
+        if lba not in _LBA_SIZES:
+            raise ValueError(f"LBA size {lba} is not 512 or 4096")
+        size = info["file_size"] // lba * lba
+        if size < RAW_MIN_BYTES:
+            raise ValueError(f"{path}: raw image of {info['file_size']} bytes is too small "
+                             f"(at least {RAW_MIN_BYTES})")
+        if size != info["file_size"]:
+            _log.info("%s: the last %d bytes are not a whole %d-byte LBA and are not served",
+                      path, info["file_size"] - size, lba)
+        self.image_file = f
+        self.image_path = path
+        self.raw = True
+        c.store.raw = 1
+        c.store.fd = f.fileno()
+        c.store.power_cycles = 1
+        c.store.ns[0].size = size
+        c.store.ns[0].data_off = 0
+        c.store.ns[0].mem = NULL
+        mdl_ns_set_format(&c.store.ns[0], _LBA_SIZES[lba])
+        c.store.nns = 1
+        self._map_image([(size, 0, _LBA_SIZES[lba])])
+        return f
 
     cdef _map_image(self, layout):
         cdef mdl_ctrl *c = self.c
@@ -1158,6 +1197,9 @@ cdef class ControllerModel:
                 munmap(c.store.map, c.store.map_len)
                 c.store.map = NULL
             try:
+                if self.raw:
+                    _os.fsync(f.fileno())   # no header: the data is all there is
+                    return
                 info = read_image_header(self.image_path)
                 layout = [(ns["size"], ns["offset"], ns["lbaf"]) for ns in info["namespaces"]]
                 pon = info["power_on_seconds"] + (nvmefs_now_ns() - self.opened_ns) // 1000000000

@@ -19,6 +19,13 @@
 #                  +20 12 reserved
 #   then each namespace's data at its 1 MiB aligned offset, back to back.
 #
+# Raw images: a file (or block device) without the magic is a raw disk
+# image, served as one namespace over the whole of it from offset 0, as
+# QEMU's -device nvme-ns,drive= does.  Nothing is ever written to it but the
+# host's data: no header, so power cycles and unsafe shutdowns are not
+# recorded across opens, and Format NVM may erase but not change the LBA
+# size (there is nowhere to keep it; pass --lba-size when mounting).
+#
 # The file is sized with ftruncate and stays sparse: deallocated ranges
 # (Dataset Management, Write Zeroes with DEAC, Format with user data erase)
 # are punched out with fallocate(PUNCH_HOLE | KEEP_SIZE) and read back as
@@ -99,6 +106,7 @@ cdef struct mdl_store:
     uint64_t power_cycles
     uint64_t power_on_seconds
     uint64_t unsafe_shutdowns
+    uint8_t raw            # a raw image or block device: no header, one namespace at offset 0
 
 
 @cython.linetrace(False)
@@ -263,6 +271,9 @@ cdef int mdl_store_compare(mdl_store *s, mdl_ns *ns, uint64_t off, const mdl_iov
 cdef int mdl_store_set_format(mdl_store *s, uint32_t nsi, uint32_t lbaf) noexcept nogil:
     """Switch a namespace's LBA format and record it in the image header."""
     cdef uint32_t v = lbaf
+    if s.raw:
+        # nowhere to record it, and the first bytes are the user's data
+        return 0 if lbaf == s.ns[nsi].lbaf else -_merrno.EINVAL
     mdl_ns_set_format(&s.ns[nsi], lbaf)
     if s.fd < 0:
         return 0
@@ -276,6 +287,7 @@ cdef int mdl_store_set_format(mdl_store *s, uint32_t nsi, uint32_t lbaf) noexcep
 # --- Python side: image files -----------------------------------------------------
 
 import os as _os
+import stat as _stat_mod
 import struct as _struct
 
 _IMG_MAGIC = b"NVMEFSIMG1"
@@ -350,13 +362,48 @@ def create_image(path, namespaces=((1 << 30, 512),), *, exist_ok=False):
     return read_image_header(path)
 
 
+RAW_MIN_BYTES = 4096
+
+
+def probe_image(path):
+    """What ``path`` holds: the header of an nvmefs image (``format``
+    "nvmefs", see read_image_header), or ``format`` "raw" with its size
+    (``file_size``) and whether it is a block device.  A file without the
+    magic is raw; a file with it and a bad header is an error, never raw."""
+    st = _os.stat(path)
+    blk = _stat_mod.S_ISBLK(st.st_mode)
+    if not (blk or _stat_mod.S_ISREG(st.st_mode)):
+        raise ValueError(f"{path}: not a regular file or a block device")
+    with open(path, "rb") as f:
+        raw = f.read(MDL_IMG_HEADER)
+        size = f.seek(0, 2)
+    if raw[:len(_IMG_MAGIC)] == _IMG_MAGIC:
+        info = read_image_header(path)
+        info["format"] = "nvmefs"
+        info["block_device"] = blk
+        return info
+    return {"format": "raw", "file_size": size, "block_device": blk}
+
+
+def create_raw_image(path, size):
+    """A new sparse raw image of ``size`` bytes (no header)."""
+    if size < RAW_MIN_BYTES or size % 512:
+        raise ValueError(f"raw image size {size}: a multiple of 512, at least {RAW_MIN_BYTES}")
+    fd = _os.open(path, _os.O_RDWR | _os.O_CREAT | _os.O_EXCL, 0o644)
+    try:
+        _os.ftruncate(fd, size)
+        _os.fsync(fd)
+    finally:
+        _os.close(fd)
+
+
 def read_image_header(path):
     """The header of an nvmefs image as a dict (version, namespaces with size,
     LBA size and data offset, power cycles, ...).  ValueError if the file is
     not an nvmefs image."""
     with open(path, "rb") as f:
         raw = f.read(MDL_IMG_HEADER)
-        size = _os.fstat(f.fileno()).st_size
+        size = f.seek(0, 2)         # st_size is 0 for a block device
     info = _parse_header(raw, path)
     info["file_size"] = size
     for ns in info["namespaces"]:

@@ -214,11 +214,33 @@ def cmd_format(args):
 
 
 def cmd_create_image(args):
-    from nvmefs.image import create_image, read_image_header
+    from nvmefs.image import create_image, create_raw_image, read_image_header
     if os.path.exists(args.image):
         raise UsageError(f"{args.image} already exists")
     if args.size % args.lba_size:
         raise UsageError(f"size {args.size} is not a multiple of the LBA size {args.lba_size}")
+    if args.raw:
+        if args.namespaces != 1:
+            raise UsageError("a raw image holds one namespace (--namespaces 1)")
+        try:
+            create_raw_image(args.image, args.size)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+        if args.preallocate:
+            try:
+                fd = os.open(args.image, os.O_RDWR)
+                try:
+                    os.posix_fallocate(fd, 0, args.size)
+                finally:
+                    os.close(fd)
+            except OSError as exc:
+                os.unlink(args.image)
+                raise UsageError(f"cannot preallocate {args.image}: {exc.strerror}") from None
+        # a raw image has nowhere to keep its LBA size: the mount is told
+        hint = f"; mount it with --lba-size {args.lba_size}" if args.lba_size != 512 else ""
+        print(f"created {args.image}: raw image of {human(args.size)} "
+              f"({'preallocated' if args.preallocate else 'sparse'}){hint}")
+        return 0
     per = create_image(args.image, args.size, args.namespaces, args.lba_size)
     if args.preallocate:
         from nvmefs.progress import Progress
@@ -398,6 +420,8 @@ def build_parser():
     p.set_defaults(func=cmd_format)
     p = sub.add_parser("create-image", help="create a sparse controller image")
     p.add_argument("image", metavar="PATH")
+    p.add_argument("--raw", action="store_true",
+                   help="a raw disk image (no header, one namespace over the whole file)")
     p.add_argument("--size", type=parse_size, default=1 << 30)
     p.add_argument("--lba-size", type=int, choices=(512, 4096), default=512)
     p.add_argument("--namespaces", type=positive, default=1)

@@ -1,6 +1,7 @@
 """Where the built-in controller's image lives, and the checks an image
 path passes before anything is created or opened."""
 import os
+import stat
 
 from nvmefs.errors import UsageError
 
@@ -19,6 +20,18 @@ def create_image(path, size, namespaces, lba_size):
     return per
 
 
+def create_raw_image(path, size):
+    """A new sparse raw disk image (no header): one namespace over all of it."""
+    from nvmefs._model import create_raw_image as create
+    create(path, size)
+
+
+def probe_image(path):
+    """{"format": "nvmefs", header...} or {"format": "raw", "file_size": ...}."""
+    from nvmefs._model import probe_image as probe
+    return probe(path)
+
+
 def read_image_header(path):
     from nvmefs._model import read_image_header as read
     return read(path)
@@ -27,8 +40,8 @@ def read_image_header(path):
 def check_image(path, size, lba_size, create):
     """Returns True when the image must be created."""
     if os.path.exists(path):
-        if not os.path.isfile(path):
-            raise UsageError(f"image {path} is not a regular file")
+        if not (os.path.isfile(path) or stat.S_ISBLK(os.stat(path).st_mode)):
+            raise UsageError(f"image {path} is not a regular file or a block device")
         if not os.access(path, os.R_OK | os.W_OK):
             raise UsageError(f"image {path} is not writable")
         return False

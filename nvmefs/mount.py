@@ -197,7 +197,8 @@ def run_mount(args):
     from nvmefs.transport import ModelTransport
     try:
         transport = ModelTransport(image, create=False, sgl=args.sgl, vwc=args.write_cache == "on",
-                                   max_io_queues=64, mdts=args.mdts, idle_spin_us=args.model_idle_us)
+                                   max_io_queues=64, mdts=args.mdts, idle_spin_us=args.model_idle_us,
+                                   raw_lba_size=args.lba_size)
     except Exception as exc:
         if create:
             os.unlink(image)        # we made it a moment ago: leave nothing behind

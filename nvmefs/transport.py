@@ -75,7 +75,7 @@ class ModelTransport(Transport):
                                                create=create, max_io_queues=max_io_queues, dstrd=dstrd,
                                                **model_kw)
             self._max_vectors = max_io_queues + 1
-            self.name = f"model:{image}" if image else "model:memory"
+            self.name = (f"model:{image}" + (" (raw)" if self.model.raw else "")) if image else "model:memory"
             self._fds = {}
             self.model.start()
         except BaseException:

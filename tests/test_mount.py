@@ -586,9 +586,11 @@ def test_bad_input_one_line_nonzero_and_image_untouched(paths, tmp_path):
     bad(["mount", mnt, "--image", img], "fusermount3", env={**os.environ, "PATH": "/nonexistent"})
     bad(["mount", mnt, "--size", "12Q"], "invalid size")
     bad(["id-ctrl", "--image", str(tmp_path / "missing.img")], "does not exist")
+    # the magic with a header that makes no sense: an error, never taken
+    # for a raw image (a file without the magic is one)
     garbage = tmp_path / "garbage.img"
-    garbage.write_bytes(b"\0" * 8192)
-    bad(["mount", mnt, "--image", str(garbage)], "garbage.img")
+    garbage.write_bytes(b"NVMEFSIMG1" + b"\0" * 8182)
+    bad(["mount", mnt, "--image", str(garbage)], "unsupported nvmefs image version")
     # a read-only image: on a read-only bind mount, which binds root too
     ro = tmp_path / "ro"
     ro.mkdir()
