@@ -14,7 +14,7 @@ PYTEST_ARGS ?=
 MNT     ?= $(CURDIR)/mnt
 MOUNT_ARGS ?=
 
-.PHONY: run test sysdeps venv build debug test-debug bench clean
+.PHONY: run test sysdeps venv build debug test-debug bench fuzz clean
 
 sysdeps:
 	@missing=""; for p in $(SYSPKGS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
@@ -61,6 +61,11 @@ bench: build
 	$(PY) bench/core_bench.py --json bench/results/core_bench.json
 	$(PY) bench/ioworker.py --json bench/results/ioworker.json
 	$(PY) bench/fio_bench.py --out bench/results
+
+# the model fuzzer's long run (a short one is in the test suite)
+FUZZ_SECONDS ?= 300
+fuzz: build
+	$(PY) tests/fuzz_model.py --seconds $(FUZZ_SECONDS)
 
 clean:
 	rm -rf build $(VENV) nvmefs/*.so _core/*.c _core/*.html

@@ -970,3 +970,33 @@ def test_constructor_validation():
                {"namespaces": ((1 << 20, 1024),)}, {"serial": "x" * 21}):
         with pytest.raises(ValueError):
             _model.ControllerModel(arena, regs, max_io_queues=4, **kw)
+
+
+def test_a_bad_entry_anywhere_moves_no_byte(host):
+    """DMA isolation: a data pointer with one entry outside the memory
+    mapped for the controller (PRP list entry, SGL descriptor) fails with
+    Data Transfer Error before any byte moves -- neither into the valid
+    pages of a read's buffer, nor from a write's into the namespace."""
+    h = host
+    buf = h.alloc(4 * PAGE)
+    lst = h.alloc(PAGE)
+    fill = b"\xc3" * (4 * PAGE)
+    h.arena.write(buf.iova, fill)
+    assert h.write(0, pattern(4 * PAGE, 3)).status == 0
+    outside = h.arena.iova_base + h.arena.size          # the first page past the arena
+    # read: PRP1 and the first list entries valid, the last one outside
+    h.arena.write(lst.iova, struct.pack("<QQQ", buf.iova + PAGE, buf.iova + 2 * PAGE, outside))
+    c = h.io(0x02, nsid=1, cdw12=4 * PAGE // 512 - 1, prp1=buf.iova, prp2=lst.iova)
+    assert status_of(c) == DATA_XFER
+    assert h.arena.read(buf.iova, 4 * PAGE) == fill, "a failed read wrote into the host's buffer"
+    # the same through an SGL: a valid data block, then one outside
+    segs = h.alloc(PAGE)
+    h.arena.write(segs.iova, sgl_desc(buf.iova, 2 * PAGE) + sgl_desc(outside, 2 * PAGE))
+    c = h.io(0x02, nsid=1, cdw12=4 * PAGE // 512 - 1, sgl=sgl_desc(segs.iova, 32, LAST_SEGMENT))
+    assert status_of(c) == DATA_XFER
+    assert h.arena.read(buf.iova, 4 * PAGE) == fill
+    # write: the namespace keeps what it had
+    c = h.io(0x01, nsid=1, cdw12=4 * PAGE // 512 - 1, prp1=buf.iova, prp2=lst.iova)
+    assert status_of(c) == DATA_XFER
+    c, back = h.read(0, 4 * PAGE)
+    assert c.status == 0 and back == pattern(4 * PAGE, 3), "a failed write changed the namespace"
