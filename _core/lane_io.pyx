@@ -190,6 +190,11 @@ cdef void lane_take_write(lane_t *ln, uint32_t slot, size_t n, lane_ns *ns) noex
         return
     if size > ns.size - off:
         size = ns.size - off        # a short write up to the end, as a block device does
+        if wi.write_flags & FUSE_WRITE_CACHE:
+            # the page cache's writeback takes no notice of a short count:
+            # the part past the end would vanish and fsync succeed.  Write
+            # what fits, then fail it, so that fsync() reports the loss.
+            r.past_end = 1
     r.off = off
     r.size = <uint32_t>size
     if size == 0:
@@ -779,6 +784,8 @@ cdef void lane_finish(lane_t *ln, uint32_t slot) noexcept nogil:
     cdef fuse_write_out wo
     if r.ranged:
         lane_give_range(ln, r)
+    if r.err == 0 and r.past_end:
+        r.err = ENOSPC
     if r.err:
         lane_reply(ln, r.reply_fd, r.unique, r.err, NULL, 0)
     elif r.kind == K_READ:

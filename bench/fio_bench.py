@@ -6,6 +6,8 @@ Targets (all mounted for the whole run; each row runs them back to back):
   nvmefs      the mount, one lane per CPU (built-in controller, 1 TiB sparse
               image on /dev/shm)
   nvmefs-l1   the same with --lanes 1
+  nvmefs-pc   the same with --page-cache (FUSE's writeback cache): the
+              buffered row only
   cmemfs-st   bench/cmemfs.c: a C server on plain libfuse 3, low-level API,
               direct_io, memcpy only; single-threaded loop
   cmemfs-mt   the same on libfuse's multithreaded loop with clone_fd
@@ -14,7 +16,8 @@ Targets (all mounted for the whole run; each row runs them back to back):
 
 Rows: randread/randwrite 4 KiB at QD1 (psync) and QD32 (libaio), random
 4 KiB writes at offset 512 + k*4 KiB (every one unaligned to the LBA), and
-sequential 1 MiB read/write at QD8 (libaio), all O_DIRECT.
+sequential 1 MiB read/write at QD8 (libaio), all O_DIRECT; and random 4 KiB
+buffered writes with an fsync at the end.
 
 Prints IOPS per target, then the targets of issue 13 as ratios with PASS or
 MISS: nvmefs >= 1.0x the best of cmemfs-st/-mt on each row, >= 2x qsd on each
@@ -50,8 +53,15 @@ ROWS = [
     ("randwrite 4k QD32 off512", "randwrite", "4k", "libaio", 32, 512),
     ("read 1M QD8", "read", "1M", "libaio", 8, 0),
     ("write 1M QD8", "write", "1M", "libaio", 8, 0),
+    # through the page cache, fsync at the end: what --page-cache is for
+    ("buffered randwrite 4k", "randwrite", "4k", "psync", 1, 0),
 ]
-ALL_TARGETS = ("nvmefs", "nvmefs-l1", "cmemfs-st", "cmemfs-mt", "qsd", "tmpfs")
+ALL_TARGETS = ("nvmefs", "nvmefs-l1", "nvmefs-pc", "cmemfs-st", "cmemfs-mt", "qsd", "tmpfs")
+
+
+def runs_row(target, row):
+    """nvmefs-pc (the mount with --page-cache) differs only for buffered I/O."""
+    return target != "nvmefs-pc" or row[0].startswith("buffered")
 
 
 def wait_ready(path, proc, size, timeout=30):
@@ -93,8 +103,9 @@ def daemon(argv, path, size, umount):
 def run_fio(path, row, runtime, size):
     name, rw, bs, engine, depth, offset = row
     cmd = ["fio", "--name=b", f"--filename={path}", f"--rw={rw}", f"--bs={bs}", f"--ioengine={engine}",
-           f"--iodepth={depth}", "--direct=1", f"--size={size}", f"--runtime={runtime}", "--time_based",
+           f"--iodepth={depth}", f"--size={size}", f"--runtime={runtime}", "--time_based",
            "--output-format=json", "--randrepeat=0", "--norandommap"]
+    cmd += ["--direct=0", "--end_fsync=1"] if name.startswith("buffered") else ["--direct=1"]
     if offset:
         # the region must stay inside the file: fio would otherwise try
         # to lay the file out again (unlink and create on a FUSE export)
@@ -156,7 +167,7 @@ def start_target(stack, target, tmp, size_bytes, image_dir, mount_args):
     if target.startswith("nvmefs"):
         mnt = os.path.join(tmp, target)
         os.mkdir(mnt)
-        lanes = ["--lanes", "1"] if target == "nvmefs-l1" else []
+        lanes = {"nvmefs-l1": ["--lanes", "1"], "nvmefs-pc": ["--page-cache"]}.get(target, [])
         image = os.path.join(image_dir, f"{target}.img")
         path = os.path.join(mnt, "nvme0n1")
         proc = stack.enter_context(daemon(
@@ -201,7 +212,7 @@ def verdicts(results, rows, targets):
         return results[t][r]["iops"]
 
     cm = [t for t in ("cmemfs-st", "cmemfs-mt") if t in targets]
-    for name in (r[0] for r in rows):
+    for name in (r[0] for r in rows if not r[0].startswith("buffered")):
         if "nvmefs" not in targets:
             break
         if cm:
@@ -213,6 +224,9 @@ def verdicts(results, rows, targets):
     if "nvmefs" in targets and "randwrite 4k QD32" in names and "randwrite 4k QD32 off512" in names:
         out.append(("nvmefs off512 / aligned randwrite 4k QD32",
                     nv["randwrite 4k QD32 off512"]["iops"] / nv["randwrite 4k QD32"]["iops"], 0.8))
+    if "nvmefs-pc" in targets and "nvmefs" in targets and "buffered randwrite 4k" in names:
+        out.append(("--page-cache / direct mount, buffered randwrite 4k",
+                    results["nvmefs-pc"]["buffered randwrite 4k"]["iops"] / nv["buffered randwrite 4k"]["iops"], 1.0))
     if "nvmefs" in targets and "nvmefs-l1" in targets:
         for name in names:
             if "QD32" in name:
@@ -264,6 +278,8 @@ def main(argv=None):
         for row in rows:
             for _ in range(args.repeat):
                 for target in targets:
+                    if not runs_row(target, row):
+                        continue
                     r = run_fio(paths[target], row, args.runtime, size_bytes)
                     best = results[target].get(row[0])
                     if best is None or r["iops"] > best["iops"]:
@@ -280,10 +296,11 @@ def main(argv=None):
     for row in rows:
         big = row[2] == "1M"
         print(f"{row[0]:<25}" + "".join(
-            f"{results[t][row[0]]['mib_s' if big else 'iops']:>11.0f}" for t in targets))
+            f"{results[t][row[0]]['mib_s' if big else 'iops']:>11.0f}" if row[0] in results[t] else f"{'-':>11}"
+            for t in targets))
     checks = verdicts(results, rows, targets)
     if checks:
-        print("\ntargets (issue 13)")
+        print("\ntargets")
         for text, ratio, floor in checks:
             print(f"  {text:<48} {ratio:6.2f}x  (>= {floor:.1f})  {'PASS' if ratio >= floor else 'MISS'}")
     if rss_peak is not None:
@@ -300,8 +317,8 @@ def main(argv=None):
         fig, ax = plt.subplots(figsize=(13, 5))
         width = 0.8 / len(targets)
         for i, t in enumerate(targets):
-            ax.bar([k + i * width for k in range(len(rows))], [results[t][r[0]]["iops"] for r in rows],
-                   width, label=t)
+            ax.bar([k + i * width for k in range(len(rows))],
+                   [results[t][r[0]]["iops"] if r[0] in results[t] else 0 for r in rows], width, label=t)
         ax.set_xticks([k + width * (len(targets) - 1) / 2 for k in range(len(rows))], [r[0] for r in rows],
                       rotation=15)
         ax.set_yscale("log")

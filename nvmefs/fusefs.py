@@ -36,6 +36,11 @@ class NvmeFS(pyfuse3.Operations):
         self.ctrl = ctrl
         self.lanes = lanes
         self.direct_io = direct_io
+        # --page-cache: the kernel keeps written pages and sends them in
+        # writeback (up to max_write per request) instead of one request
+        # per write(); fsync and close still end in FSYNC/FLUSH, which the
+        # lanes turn into NVMe Flush
+        self.enable_writeback_cache = not direct_io
         self.ctrl_index = ctrl_index
         self.mtime = {}
         self.started = time.time_ns()

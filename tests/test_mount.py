@@ -245,6 +245,39 @@ def test_page_cache_mode_is_coherent(paths, tmp_path):
             assert f.read(8192) == bytes(8192)
 
 
+def test_page_cache_gathers_writes_and_fsync_still_flushes(paths, tmp_path):
+    """--page-cache negotiates FUSE's writeback cache: 256 buffered 4 KiB
+    write() calls reach the lanes as far fewer WRITE requests, fsync ends in
+    a Flush, and the data is on the device after a remount.  A buffered
+    write past the end is cut at the end, and fsync says so (ENOSPC)."""
+    mnt, img = paths
+    data = os.urandom(MiB)
+    with mounted(mnt, img, "--size", "64M", "--page-cache"):
+        dev = os.path.join(mnt, "nvme0n1")
+        before = stats(mnt)
+        fd = os.open(dev, os.O_RDWR)
+        try:
+            for k in range(256):
+                assert os.pwrite(fd, data[k * 4096:(k + 1) * 4096], 8 * MiB + k * 4096) == 4096
+            os.fsync(fd)
+            after = stats(mnt)
+            writes = lane_totals(after, "writes") - lane_totals(before, "writes")
+            assert 1 <= writes <= 64, f"{writes} WRITE requests for 256 write() calls"
+            assert lane_totals(after, "flushes") > lane_totals(before, "flushes")
+            assert os.pwrite(fd, b"xyz", 64 * MiB - 2) == 3       # the page cache takes it all
+            with pytest.raises(OSError) as e:
+                os.fsync(fd)
+            assert e.value.errno == errno_mod.ENOSPC
+        finally:
+            os.close(fd)
+    with mounted(mnt, img):
+        with open(os.path.join(mnt, "nvme0n1"), "rb") as f:
+            f.seek(8 * MiB)
+            assert f.read(MiB) == data
+            f.seek(64 * MiB - 2)
+            assert f.read(10) == b"xy"
+
+
 def test_statfs_reports_the_namespaces(paths):
     mnt, img = paths
     with mounted(mnt, img, "--size", "64M", "--namespaces", "2"):
