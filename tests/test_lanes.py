@@ -12,7 +12,7 @@ import threading
 import pytest
 import trio
 
-from lanehelp import (FUSE_GETATTR, KEEP, MiB, KiB, PUNCH, ZERO, fallocate_req, flush_req, fsync_req, header,
+from lanehelp import (FUSE_GETATTR, FUSE_WRITE, KEEP, MiB, KiB, NODE, PUNCH, ZERO, fallocate_req, flush_req, fsync_req, header,
                       interrupt_req, lanes_rig, read_req, same, write_req)
 from nvmefs import _core
 
@@ -412,3 +412,36 @@ def test_range_set_orders_and_wakes():
     assert rs.held == [(10, 20)]
     with pytest.raises(ValueError):
         rs.release(0, 10)
+
+
+async def test_getxattr_of_a_name_the_mount_lacks_is_answered_in_the_lane():
+    """The kernel asks security.capability before every write through the
+    writeback cache: ENODATA from the lane, not a trip to pyfuse3; a
+    user.nvmefs.* name still goes there (here: no forwarder, ENOSYS)."""
+    def getxattr(name):
+        body = struct.pack("<II", 0, 0) + name + b"\0"          # fuse_getxattr_in + name
+        return lambda u: header(22, u, len(body)) + body
+    async with lanes_rig() as rig:
+        err, _ = await rig.call(0, getxattr(b"security.capability"))
+        assert err == errno.ENODATA
+        err, _ = await rig.call(0, getxattr(b"user.other"))
+        assert err == errno.ENODATA
+        err, _ = await rig.call(0, getxattr(b"user.nvmefs.stats"))
+        assert err == errno.ENOSYS
+        assert rig.stats()[0]["xattr_none"] == 2
+
+
+async def test_a_writeback_write_past_the_end_is_written_to_the_end_then_fails():
+    """A write from the page cache (FUSE_WRITE_CACHE) that runs past the end
+    writes what fits and answers ENOSPC, so that fsync() reports the lost
+    part; the same write from a caller is a short write."""
+    def wb_write(u, off, data):
+        body = struct.pack("<QQIIQII", NODE, off, len(data), 1, 0, 0, 0) + data
+        return header(FUSE_WRITE, u, len(body)) + body
+    async with lanes_rig() as rig:
+        end = 16 * MiB
+        err, _ = await rig.call(0, wb_write, end - 4096, b"\x11" * 8192)
+        assert err == errno.ENOSPC
+        assert same(await rig.read(end - 4096, 4096), b"\x11" * 4096)
+        err, body = await rig.call(0, write_req, end - 4096, b"\x22" * 8192)
+        assert err == 0 and struct.unpack("<II", body)[0] == 4096
