@@ -927,12 +927,20 @@ def test_image_errors(make_host, tmp_path):
     mk = lambda path, **kw: _model.ControllerModel(arena, regs, image=str(path), max_io_queues=4, **kw)
     with pytest.raises(FileNotFoundError):
         mk(tmp_path / "missing.img", create=False)
+    # no magic: a raw image (one namespace over it all), never rewritten
     junk = tmp_path / "junk.img"
     junk.write_bytes(b"\0" * 8192)
-    with pytest.raises(ValueError, match="NVMEFSIMG1"):
-        mk(junk)
+    m = mk(junk)
+    assert m.raw and [(n["size"], n["lba_size"]) for n in m.namespaces] == [(8192, 512)]
+    m.stop()
+    assert junk.read_bytes() == b"\0" * 8192
     with pytest.raises(ValueError, match="NVMEFSIMG1"):
         _model.read_image_header(str(junk))
+    # the magic and a header that makes no sense: an error, not raw
+    bad = tmp_path / "bad.img"
+    bad.write_bytes(b"NVMEFSIMG1" + b"\0" * 8182)
+    with pytest.raises(ValueError, match="version"):
+        mk(bad)
     good = tmp_path / "good.img"
     _model.create_image(str(good), ((1 << 20, 512),))
     with pytest.raises(FileExistsError):
