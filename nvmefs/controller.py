@@ -558,7 +558,10 @@ class Controller:
             await self._close_queues(exc)
 
     def stats(self):
-        return {"transport": self.transport.name, "resets": self.resets,
+        # generation: one more each time the controller is brought up (a
+        # reset has finished when it moves)
+        return {"transport": self.transport.name, "resets": self.resets, "generation": self.generation,
+                "ready": self.ready.is_set(),
                 "errors_by_status": dict(self.errors_by_status),
                 "queues": [q.stats() for q in self._all_queues()]}
 

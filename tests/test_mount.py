@@ -202,8 +202,15 @@ def test_a_reset_during_fio_verify_loses_and_duplicates_nothing(paths):
                 while lane_totals(stats(mnt), "in_flight") < 4:
                     assert job.poll() is None and time.monotonic() < deadline, job.communicate()
                     time.sleep(0.01)
+                gen = stats(mnt)["generation"]
                 os.setxattr(mnt, "user.nvmefs.inject", b'{"reset": true}')
-                time.sleep(0.1)
+                # the reset runs in the background, and one asked for while
+                # another runs is merged into it (as the watchdog's are): the
+                # next only once this one has brought the controller back
+                deadline = time.monotonic() + 60
+                while stats(mnt)["generation"] == gen:
+                    assert time.monotonic() < deadline, "the reset did not finish"
+                    time.sleep(0.01)
             out, err = job.communicate(timeout=600)
         finally:
             if job.poll() is None:
