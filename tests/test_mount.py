@@ -566,8 +566,12 @@ def test_sigterm_and_lazy_unmount_while_fio_runs(paths):
             wait_for_mount(proc, mnt)
             writer = subprocess.Popen(job + ["--do_verify=0", "--rate_iops=1000"],  # about 1.5 s
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-            time.sleep(0.3)
-            assert writer.poll() is None, writer.communicate()
+            # fio has the file open once its writes arrive (on a loaded
+            # machine it may take a while to start)
+            deadline = time.monotonic() + 60
+            while lane_totals(stats(mnt), "writes") < 50:
+                assert writer.poll() is None and time.monotonic() < deadline, writer.communicate()
+                time.sleep(0.01)
             if how == "SIGTERM":
                 proc.send_signal(signal.SIGTERM)
             else:
@@ -577,7 +581,7 @@ def test_sigterm_and_lazy_unmount_while_fio_runs(paths):
             (res,) = json.loads(out[out.index("{"):])["jobs"]
             assert res["error"] == 0
             assert res["write"]["io_bytes"] == 24 * MiB
-            assert proc.wait(timeout=60) == 0
+            assert proc.wait(timeout=60) == 0, (how, output(proc))
         finally:
             if writer is not None and writer.poll() is None:
                 writer.kill()
