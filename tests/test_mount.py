@@ -312,10 +312,15 @@ def test_signals_during_shutdown_leave_the_image_intact(paths, tmp_path):
         os.pwrite(fd, synced, 0)
         os.fsync(fd)
         os.close(fd)
+        before = lane_totals(stats(mnt), "writes")
         # keep requests in flight while the signals arrive
         writer = subprocess.Popen(["dd", f"if={src}", f"of={dev}", "bs=64k", "seek=32", "conv=notrunc,fsync",
                                    "oflag=direct", "status=none"], stderr=subprocess.PIPE, text=True)
-        time.sleep(0.3)
+        # dd has the file open once its writes arrive
+        deadline = time.monotonic() + 60
+        while lane_totals(stats(mnt), "writes") < before + 20:
+            assert writer.poll() is None and time.monotonic() < deadline, writer.communicate()
+            time.sleep(0.005)
         proc.send_signal(signal.SIGINT)
         # then a stream of signals through the whole shutdown, down to the
         # interpreter's exit
