@@ -1047,10 +1047,18 @@ cdef class ControllerModel:
             # refused even for root, who could open it anyway
             raise PermissionError(_errno_mod.EACCES, "image file is read-only", path)
         try:
-            f = open(path, "r+b", buffering=0)
+            if _stat.S_ISBLK(st.st_mode):
+                # O_EXCL on a block device: refused (EBUSY) while it is
+                # mounted or otherwise held, as mkfs refuses it
+                f = _os.fdopen(_os.open(path, _os.O_RDWR | _os.O_EXCL | _os.O_CLOEXEC), "r+b", buffering=0)
+            else:
+                f = open(path, "r+b", buffering=0)
         except OSError as exc:
             if exc.errno in (_errno_mod.EROFS, _errno_mod.EACCES, _errno_mod.EPERM):
                 raise PermissionError(exc.errno, "image is read-only", path) from None
+            if exc.errno == _errno_mod.EBUSY:
+                raise OSError(exc.errno, "block device is in use (mounted, or held by another program)",
+                              path) from None
             raise
         try:
             _lock_image(f.fileno(), path)

@@ -144,3 +144,27 @@ async def test_format_on_a_raw_image_erases_but_keeps_its_lba_size(tmp_path):
     finally:
         t.close()
     assert raw.read_bytes() == bytes(2 * MiB)
+
+
+def test_a_mounted_block_device_is_refused(root_fuse, tmp_path):
+    require(shutil.which("losetup"), "losetup (package util-linux)")
+    require(shutil.which("mkfs.ext4"), "mkfs.ext4 (package e2fsprogs)")
+    back = tmp_path / "fs.raw"
+    back.write_bytes(bytes(16 * MiB))
+    loop = sh("losetup", "-f", "--show", str(back)).strip()
+    fsdir = tmp_path / "fs"
+    fsdir.mkdir()
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    try:
+        sh("mkfs.ext4", "-q", loop)
+        sh("mount", loop, str(fsdir))
+        try:
+            r = run_cli("mount", str(mnt), "--image", loop)
+            lines = r.stderr.strip().splitlines()
+            assert r.returncode != 0 and len(lines) == 1 and "in use" in lines[0], r.stderr
+            assert not os.path.ismount(mnt)
+        finally:
+            sh("umount", str(fsdir))
+    finally:
+        sh("losetup", "-d", loop)
