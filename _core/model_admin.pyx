@@ -213,7 +213,7 @@ cdef void mdl_identify_ctrl(mdl_ctrl *c, uint8_t *b) noexcept nogil:
     b[258] = MDL_ACL
     b[259] = MDL_AERL
     b[260] = 0x03                               # FRMW: one slot, read only
-    b[261] = 0x04                               # LPA: extended data for Get Log Page
+    b[261] = 0x06                               # LPA: Commands Supported and Effects, extended data
     b[262] = MDL_ERRLOG_ENTRIES - 1             # ELPE, 0-based
     b[263] = 0                                  # NPSS: one power state
     put16(b + 266, 343)                         # WCTEMP 70 C
@@ -317,6 +317,40 @@ cdef uint32_t mdl_smart_log(mdl_ctrl *c, uint8_t *b) noexcept nogil:
     return 512
 
 
+cdef enum:
+    EFF_CSUPP = 1 << 0          # command supported
+    EFF_LBCC = 1 << 1           # logical block content change
+    EFF_NCC = 1 << 2            # namespace capability change
+    EFF_NIC = 1 << 3            # namespace inventory change
+    EFF_CSE_ANY = 2 << 16       # no other command to any namespace while it runs
+
+
+@cython.linetrace(False)
+@cython.profile(False)
+cdef uint32_t mdl_effects_log(uint8_t *b) noexcept nogil:
+    """Commands Supported and Effects (log page 05h, NVMe 2.0 5.16.1.6):
+    admin entries at 0, I/O entries at 1024, one dword per opcode; exactly
+    the commands mdl_admin_exec and mdl_io_exec serve."""
+    cdef uint32_t i
+    cdef uint8_t admin_ops[11]
+    admin_ops[:] = [ADM_DELETE_SQ, ADM_CREATE_SQ, ADM_GET_LOG, ADM_DELETE_CQ, ADM_CREATE_CQ, ADM_IDENTIFY,
+                    ADM_ABORT, ADM_SET_FEATURES, ADM_GET_FEATURES, ADM_AER, ADM_DBBUF]
+    memset(b, 0, 4096)
+    for i in range(11):
+        put32(b + 4 * admin_ops[i], EFF_CSUPP)
+    # Format NVM rewrites the blocks, may change the LBA size (Identify
+    # Namespace), and runs alone
+    put32(b + 4 * ADM_FORMAT, EFF_CSUPP | EFF_LBCC | EFF_NCC | EFF_NIC | EFF_CSE_ANY)
+    # I/O (model_io.pyx): Flush, Write, Read, Compare, Write Zeroes, Dataset Management
+    put32(b + 1024 + 4 * 0x00, EFF_CSUPP | EFF_LBCC)
+    put32(b + 1024 + 4 * 0x01, EFF_CSUPP | EFF_LBCC)
+    put32(b + 1024 + 4 * 0x02, EFF_CSUPP)
+    put32(b + 1024 + 4 * 0x05, EFF_CSUPP)
+    put32(b + 1024 + 4 * 0x08, EFF_CSUPP | EFF_LBCC)
+    put32(b + 1024 + 4 * 0x09, EFF_CSUPP | EFF_LBCC)
+    return 4096
+
+
 @cython.linetrace(False)
 @cython.profile(False)
 cdef int mdl_get_log(mdl_ctrl *c, mdl_cmdctx *x) noexcept nogil:
@@ -342,6 +376,8 @@ cdef int mdl_get_log(mdl_ctrl *c, mdl_cmdctx *x) noexcept nogil:
         memset(b, 0, 512)
         b[0] = 1                                # AFI: slot 1 active
         memcpy(b + 8, b"1.0     ", 8)
+    elif lid == 0x05:
+        size = mdl_effects_log(b)
     else:
         return MST_LOG_INVALID | MST_DNR
     if off >= size:

@@ -40,6 +40,8 @@ CSTS_SHST_MASK, CSTS_SHST_DONE = 0xC, 0x8
 
 ADM_DELETE_SQ, ADM_CREATE_SQ, ADM_GET_LOG, ADM_DELETE_CQ, ADM_CREATE_CQ = 0x00, 0x01, 0x02, 0x04, 0x05
 ADM_IDENTIFY, ADM_ABORT, ADM_SET_FEATURES, ADM_GET_FEATURES, ADM_FORMAT = 0x06, 0x08, 0x09, 0x0A, 0x80
+# Commands Supported and Effects entry bits (log page 05h)
+EFFECTS_CSUPP, EFFECTS_LBCC, EFFECTS_NCC, EFFECTS_NIC = 1 << 0, 1 << 1, 1 << 2, 1 << 3
 ADM_DBBUF = 0x7C
 OACS_DBBUF = 1 << 8
 FEAT_VWC, FEAT_NUM_QUEUES = 0x06, 0x07
@@ -56,7 +58,7 @@ def parse_identify_controller(raw):
         "vid": vid, "ssvid": ssvid, "sn": _cstr(raw[4:24]), "mn": _cstr(raw[24:64]),
         "fr": _cstr(raw[64:72]), "mdts": raw[77], "cntlid": struct.unpack_from("<H", raw, 78)[0],
         "ver": struct.unpack_from("<I", raw, 80)[0], "oacs": struct.unpack_from("<H", raw, 256)[0],
-        "aerl": raw[259], "elpe": raw[262], "sqes": raw[512], "cqes": raw[513],
+        "aerl": raw[259], "lpa": raw[261], "elpe": raw[262], "sqes": raw[512], "cqes": raw[513],
         "maxcmd": struct.unpack_from("<H", raw, 514)[0], "nn": struct.unpack_from("<I", raw, 516)[0],
         "oncs": oncs, "vwc": raw[525], "sgls": struct.unpack_from("<I", raw, 536)[0],
         "subnqn": _cstr(raw[768:1024]),
@@ -123,6 +125,7 @@ class Controller:
         self.nvm_limits = {}
         self._idbuf = None
         self.errors_by_status = {}
+        self.effects = {}           # admin opcode -> Commands Supported and Effects entry
 
     # -- registers ---------------------------------------------------------------
 
@@ -207,20 +210,8 @@ class Controller:
                                       f"the {owner.name} (which needs {owner.wants})")
             plan.append((owner, mine))
 
-        nsids = struct.unpack("<1024I", await self.identify(2))
-        from nvmefs.namespace import Namespace
-        seen = set()
-        for nsid in nsids:
-            if nsid == 0:
-                break
-            info = parse_identify_namespace(await self.identify(0, nsid))
-            if nsid in self.namespaces:
-                self.namespaces[nsid].update(info)
-            else:
-                self.namespaces[nsid] = Namespace(self, nsid, info)
-            seen.add(nsid)
-        for gone in set(self.namespaces) - seen:
-            del self.namespaces[gone]
+        self.effects = await self._command_effects()
+        await self._identify_namespaces()
         self.generation += 1
         for owner, mine in plan:
             await owner.attach(self, mine)
@@ -316,13 +307,53 @@ class Controller:
     async def admin(self, opcode, **cmd):
         if self.closed:
             raise ControllerError("controller is closed")
-        return await self.execute(self.admin_q, opcode, **cmd)
+        res = await self.execute(self.admin_q, opcode, **cmd)
+        if self.effects.get(opcode, 0) & (EFFECTS_NCC | EFFECTS_NIC) and self.ready.is_set():
+            # the namespaces may have changed (an LBA size, their number):
+            # read them again and give the queue owners the new table
+            await self._identify_namespaces()
+            for owner in self.owners:
+                changed = getattr(owner, "namespaces_changed", None)
+                if changed is not None:
+                    changed(self)
+        return res
 
     async def identify(self, cns, nsid=0, csi=0):
         buf = self._idbuf
         await self.admin(ADM_IDENTIFY, nsid=nsid, cdw10=cns, cdw11=csi << 24, segments=[(buf.iova, 4096)],
                          is_read=True)
         return bytes(memoryview(buf))
+
+    async def _identify_namespaces(self):
+        nsids = struct.unpack("<1024I", await self.identify(2))
+        from nvmefs.namespace import Namespace
+        seen = set()
+        for nsid in nsids:
+            if nsid == 0:
+                break
+            info = parse_identify_namespace(await self.identify(0, nsid))
+            if nsid in self.namespaces:
+                self.namespaces[nsid].update(info)
+            else:
+                self.namespaces[nsid] = Namespace(self, nsid, info)
+            seen.add(nsid)
+        for gone in set(self.namespaces) - seen:
+            del self.namespaces[gone]
+
+    async def _command_effects(self):
+        """Commands Supported and Effects (log page 05h, when LPA bit 1 says
+        it is there): admin opcode -> its entry, so that a command which
+        changes namespaces (Format NVM, namespace management) is followed by
+        reading them again, as Linux's nvme_passthru_end does.  {} without."""
+        if not self.id_ctrl.get("lpa", 0) & 0x02:
+            return {}
+        try:
+            raw = await self.get_log_page(0x05, 4096, nsid=0)
+        except NvmeError as exc:
+            log.info("%s: no Commands Supported and Effects log (%s)", self.transport.name, exc.name)
+            return {}
+        acs = struct.unpack_from("<256I", raw, 0)
+        return {opc: e for opc, e in enumerate(acs) if e & EFFECTS_CSUPP}
 
     async def _nvm_limits(self):
         """The NVM command set's size limits for Write Zeroes and Dataset

@@ -113,6 +113,12 @@ class Lanes:
         self.queues = queues
         await self._all("attach", queues=queues, gen=ctrl.generation)
 
+    def namespaces_changed(self, ctrl):
+        """After Format NVM (or any command whose effects change namespaces):
+        the lanes take the new LBA sizes and counts."""
+        if self.set is not None:
+            self.set.set_namespaces(self._namespace_table(ctrl))
+
     async def quiesce(self):
         if self.set is not None and self.queues:
             await self._all("quiesce")

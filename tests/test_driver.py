@@ -509,3 +509,22 @@ async def test_shadow_doorbells_verified_io(make_transport, polled):
         await c.reset("test", c.generation)      # Doorbell Buffer Config again after a reset
         assert c.dbbuf_active
         assert await ns.read(0, 4) == ref[:2048]
+
+
+async def test_a_command_that_changes_namespaces_is_followed_by_reading_them_again(make_transport):
+    """Commands Supported and Effects: Format NVM has NCC/NIC, so the driver
+    reads the namespaces again right after it (the new LBA size, at once);
+    Identify has none, and nothing is re-read."""
+    from nvmefs.controller import ADM_FORMAT, ADM_IDENTIFY
+    t = make_transport(namespaces=((8 * MiB, 512),))
+    async with open_controller(t, io_queues=1) as c:
+        assert c.effects[ADM_FORMAT] & 0b1100 and c.effects[ADM_IDENTIFY] == 1
+        ns = c.namespaces[1]
+        assert (ns.lba_size, ns.nlbas) == (512, 16384)
+        before = t.model.stats()["admin_commands"].get(ADM_IDENTIFY, 0)
+        await c.admin(ADM_FORMAT, nsid=1, cdw10=1)                 # to 4 KiB LBAs
+        assert (c.namespaces[1].lba_size, c.namespaces[1].nlbas) == (4096, 2048)
+        after = t.model.stats()["admin_commands"].get(ADM_IDENTIFY, 0)
+        assert after - before == 2                                 # the list, then the namespace
+        await c.namespaces[1].write(0, b"\x42" * 4096)
+        assert await c.namespaces[1].read(0, 1) == b"\x42" * 4096

@@ -1008,3 +1008,25 @@ def test_a_bad_entry_anywhere_moves_no_byte(host):
     assert status_of(c) == DATA_XFER
     c, back = h.read(0, 4 * PAGE)
     assert c.status == 0 and back == pattern(4 * PAGE, 3), "a failed write changed the namespace"
+
+
+def test_commands_supported_and_effects_log(host):
+    """Log page 05h lists exactly the commands the model serves: every
+    opcode without CSUPP is refused with Invalid Opcode, admin and I/O; the
+    effects of Format NVM and of the writes are the spec's."""
+    h = host
+    ident = h.identify(1)
+    assert ident[261] & 0x02, "LPA bit 1: Commands Supported and Effects"
+    c, raw = h.get_log(0x05, 4096)
+    assert status_of(c) == OK
+    acs = struct.unpack_from("<256I", raw, 0)
+    iocs = struct.unpack_from("<256I", raw, 1024)
+    assert raw[2048:] == bytes(2048)
+    assert acs[0x80] == 0b1111 | (2 << 16)              # Format: CSUPP LBCC NCC NIC, CSE: alone
+    assert acs[0x06] == 1 and acs[0x3E] == 0
+    assert iocs[0x01] == 0b11 and iocs[0x02] == 1 and iocs[0x7E] == 0
+    for opc in range(256):
+        if not acs[opc] & 1:
+            assert status_of(h.admin(opc)) == (0, 0x01, True), f"admin opcode {opc:#x}"
+        if not iocs[opc] & 1:
+            assert status_of(h.io(opc, nsid=1)) == (0, 0x01, True), f"I/O opcode {opc:#x}"

@@ -45,9 +45,6 @@ DEVIATIONS = {
     "Get Log Page 04h (Changed Namespace List)":
         "model: does not implement the optional Changed Namespace List page (QEMU does); "
         "to add to the model with namespace attribute notices",
-    "Get Log Page 05h (Commands Supported and Effects)":
-        "model: does not implement Commands Supported and Effects (QEMU does; mandatory "
-        "from NVMe 2.0): to add to the model",
     "Get Log Page 7Fh (unknown 7Fh)":
         "QEMU: Invalid Field in Command for an unsupported log page; the spec says Invalid Log "
         "Page (the model's answer)",
