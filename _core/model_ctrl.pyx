@@ -1064,7 +1064,7 @@ cdef class ControllerModel:
             _lock_image(f.fileno(), path)
             info = probe_image(path)
             if info["format"] == "raw":
-                f = self._open_raw(f, path, info, raw_lba_size)
+                self._open_raw(f, path, info, raw_lba_size)
                 return
             nss = info["namespaces"]
             if namespaces is not None:
@@ -1121,7 +1121,6 @@ cdef class ControllerModel:
         mdl_ns_set_format(&c.store.ns[0], _LBA_SIZES[lba])
         c.store.nns = 1
         self._map_image([(size, 0, _LBA_SIZES[lba])])
-        return f
 
     cdef _map_image(self, layout):
         cdef mdl_ctrl *c = self.c

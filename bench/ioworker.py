@@ -53,8 +53,8 @@ ROWS = [
 ]
 
 
-def run_row(qps, arena, row, seconds, nlba):
-    """The row on ``qps`` (one host thread each); merged result."""
+async def run_row(qps, arena, row, seconds, nlba):
+    """The row on ``qps``, one host thread each; their results."""
     name, nq, qd, io_bytes, read_pct, seq, dptr = row
     out = [None] * nq
 
@@ -63,12 +63,10 @@ def run_row(qps, arena, row, seconds, nlba):
             lambda: _model.ioworker(qps[i], arena, nsid=1, nlba=nlba, lba_size=LBA, qd=qd, io_bytes=io_bytes,
                                     read_pct=read_pct, sequential=seq, dptr=dptr, seconds=seconds,
                                     seed=i + 1))
-
-    async def all_():
-        async with trio.open_nursery() as n:
-            for i in range(nq):
-                n.start_soon(one, i)
-    return all_, out
+    async with trio.open_nursery() as n:
+        for i in range(nq):
+            n.start_soon(one, i)
+    return out
 
 
 def merge(parts):
@@ -108,8 +106,7 @@ async def model_rows(rows, seconds, repeat, null_data):
                 best = None
                 for _ in range(repeat):
                     m0, b0 = t.model.thread_cpu_ns(), t.model.stats()["busy_ns"]
-                    go, parts = run_row(qps, t.arena, row, seconds, nlba)
-                    await go()
+                    parts = await run_row(qps, t.arena, row, seconds, nlba)
                     m1, b1 = t.model.thread_cpu_ns(), t.model.stats()["busy_ns"]
                     r = merge(parts)
                     r["model_cpu_ns"] = m1 - m0

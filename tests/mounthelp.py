@@ -2,6 +2,7 @@
 wait for the mount, fail if the daemon died, always unmount in finally)."""
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -9,6 +10,27 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def sh(*cmd, timeout=300):
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    assert r.returncode == 0, f"{' '.join(cmd)} failed ({r.returncode}):\n{r.stdout}\n{r.stderr}"
+    return r.stdout
+
+
+@contextlib.contextmanager
+def read_only_copy(src, tmp_path, name):
+    """A copy of ``src`` on a read-only bind mount, which binds root too
+    (chmod does not: root opens a 0444 file for writing)."""
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    shutil.copy(src, ro / name)
+    sh("mount", "--bind", str(ro), str(ro))
+    try:
+        sh("mount", "-o", "remount,ro,bind", str(ro))
+        yield str(ro / name)
+    finally:
+        sh("umount", str(ro))
 
 
 def nvmefs_cmd(*args):

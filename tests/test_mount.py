@@ -15,7 +15,8 @@ import time
 import pytest
 
 from conftest import require
-from mounthelp import mounted, nvmefs_cmd, output, run_cli, start_daemon, stop, wait_for_mount, ROOT
+from mounthelp import (mounted, nvmefs_cmd, output, read_only_copy, run_cli, sh, start_daemon, stop,
+                       wait_for_mount, ROOT)
 
 MiB = 1 << 20
 
@@ -30,12 +31,6 @@ def prerequisites():
 @pytest.fixture
 def paths(tmp_path):
     return str(tmp_path / "mnt"), str(tmp_path / "disk.img")
-
-
-def sh(*cmd, timeout=300):
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    assert r.returncode == 0, f"{' '.join(cmd)} failed ({r.returncode}):\n{r.stdout}\n{r.stderr}"
-    return r.stdout
 
 
 def test_files_sizes_and_dd_roundtrip(paths, tmp_path):
@@ -640,16 +635,8 @@ def test_bad_input_one_line_nonzero_and_image_untouched(paths, tmp_path):
     garbage = tmp_path / "garbage.img"
     garbage.write_bytes(b"NVMEFSIMG1" + b"\0" * 8182)
     bad(["mount", mnt, "--image", str(garbage)], "unsupported nvmefs image version")
-    # a read-only image: on a read-only bind mount, which binds root too
-    ro = tmp_path / "ro"
-    ro.mkdir()
-    shutil.copy(img, ro / "disk.img")
-    sh("mount", "--bind", str(ro), str(ro))
-    try:
-        sh("mount", "-o", "remount,ro,bind", str(ro))
-        bad(["mount", mnt, "--image", str(ro / "disk.img")], "not writable")
-    finally:
-        sh("umount", str(ro))
+    with read_only_copy(img, tmp_path, "disk.img") as ro_img:
+        bad(["mount", mnt, "--image", ro_img], "not writable")
     # already mounted
     with mounted(mnt, img):
         r = run_cli("mount", mnt, "--image", str(tmp_path / "other.img"))

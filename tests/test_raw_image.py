@@ -4,12 +4,12 @@ original, never rewritten with a header; the bad cases get one clear line."""
 import json
 import os
 import shutil
-import subprocess
 
 import pytest
 
 from conftest import require
-from mounthelp import mounted, run_cli
+from lanehelp import same
+from mounthelp import mounted, read_only_copy, run_cli, sh
 from nvmefs.controller import ADM_FORMAT, open_controller
 from nvmefs.errors import NvmeError
 from nvmefs.transport import ModelTransport
@@ -23,22 +23,6 @@ def root_fuse():
     require(os.geteuid() == 0, "root")
     require(os.path.exists("/dev/fuse"), "/dev/fuse")
     require(shutil.which("fusermount3"), "fusermount3 (package fuse3)")
-
-
-def same(a, b):
-    """a == b, or where they first differ (pytest's own diff of megabytes
-    would take minutes)."""
-    if a == b:
-        return True
-    n = min(len(a), len(b))
-    first = next((i for i in range(n) if a[i] != b[i]), n)
-    raise AssertionError(f"{len(a)} vs {len(b)} bytes, first difference at {first}")
-
-
-def sh(*cmd):
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, f"{' '.join(cmd)}: {r.stderr}"
-    return r.stdout
 
 
 def test_a_raw_image_is_served_as_it_is_and_written_in_place(root_fuse, tmp_path):
@@ -113,16 +97,8 @@ def test_create_image_raw_and_its_errors(root_fuse, tmp_path):
     tiny.write_bytes(b"\1" * 1000)
     bad(["mount", str(mnt), "--image", str(tiny)], "too small")
     assert tiny.read_bytes() == b"\1" * 1000
-    # read-only: on a read-only bind mount, which binds root too
-    ro = tmp_path / "ro"
-    ro.mkdir()
-    shutil.copy(raw, ro / "disk.raw")
-    sh("mount", "--bind", str(ro), str(ro))
-    try:
-        sh("mount", "-o", "remount,ro,bind", str(ro))
-        bad(["mount", str(mnt), "--image", str(ro / "disk.raw")], "not writable")
-    finally:
-        sh("umount", str(ro))
+    with read_only_copy(raw, tmp_path, "disk.raw") as ro_raw:
+        bad(["mount", str(mnt), "--image", ro_raw], "not writable")
     assert not os.path.ismount(mnt)
 
 
