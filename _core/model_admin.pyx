@@ -15,6 +15,8 @@ cdef enum:
     ADM_SET_FEATURES = 0x09
     ADM_GET_FEATURES = 0x0A
     ADM_AER = 0x0C
+    ADM_NS_MGMT = 0x0D
+    ADM_NS_ATTACH = 0x15
     ADM_DBBUF = 0x7C
     ADM_FORMAT = 0x80
 
@@ -62,7 +64,26 @@ cdef int mdl_admin_to_host(mdl_ctrl *c, mdl_cmdctx *x, const uint8_t *buf, uint6
 
 @cython.linetrace(False)
 @cython.profile(False)
+cdef int mdl_admin_from_host(mdl_ctrl *c, mdl_cmdctx *x, uint8_t *buf, uint64_t length) noexcept nogil:
+    """Map the command's PRPs for ``length`` bytes and copy them into ``buf``."""
+    cdef int st = mdl_map_dptr(c.arena, x.cmd, length, False, 0, c.scratch, &c.iol)
+    if st:
+        return st
+    mdl_iol_copy_in(&c.iol, buf, length)
+    return 0
+
+
+@cython.linetrace(False)
+@cython.profile(False)
 cdef inline bint mdl_nsid_ok(mdl_ctrl *c, uint32_t nsid) noexcept nogil:
+    """An active NSID: allocated and attached to this controller."""
+    return mdl_ns_active(&c.store, nsid)
+
+
+@cython.linetrace(False)
+@cython.profile(False)
+cdef inline bint mdl_nsid_valid(mdl_ctrl *c, uint32_t nsid) noexcept nogil:
+    """In 1..NN, whether allocated or not."""
     return nsid >= 1 and nsid <= c.store.nns
 
 
@@ -208,8 +229,13 @@ cdef void mdl_identify_ctrl(mdl_ctrl *c, uint8_t *b) noexcept nogil:
     b[72] = 6                                   # RAB
     b[77] = <uint8_t>c.mdts
     put16(b + 78, MDL_CNTLID)
+    cdef uint64_t unalloc = 0
     put32(b + 80, 0x00010400)                   # VER 1.4.0
-    put16(b + 256, (1 << 1) | (1 << 8))         # OACS: Format NVM, Doorbell Buffer Config
+    if c.store.mgmt:
+        put32(b + 92, 1 << 8)                   # OAES: Namespace Attribute Notices
+    # OACS: Format NVM, Namespace Management and Attachment (not on a raw
+    # image: one namespace over the whole file), Doorbell Buffer Config
+    put16(b + 256, (1 << 1) | (1 << 8) | ((1 << 3) if c.store.mgmt else 0))
     b[258] = MDL_ACL
     b[259] = MDL_AERL
     b[260] = 0x03                               # FRMW: one slot, read only
@@ -218,10 +244,14 @@ cdef void mdl_identify_ctrl(mdl_ctrl *c, uint8_t *b) noexcept nogil:
     b[263] = 0                                  # NPSS: one power state
     put16(b + 266, 343)                         # WCTEMP 70 C
     put16(b + 268, 358)                         # CCTEMP 85 C
+    if c.store.mgmt:
+        mdl_store_place(&c.store, 0, &unalloc)
+        put128(b + 280, c.store.capacity)       # TNVMCAP
+        put128(b + 296, unalloc)                # UNVMCAP
     b[512] = 0x66                               # SQES
     b[513] = 0x44                               # CQES
     put16(b + 514, <uint16_t>(c.mqes if c.mqes < 0xFFFF else 0xFFFF))   # MAXCMD
-    put32(b + 516, c.store.nns)                 # NN
+    put32(b + 516, c.store.nns)                 # NN: every NSID, allocated or not
     put16(b + 520, (1 << 0) | (1 << 2) | (1 << 3))   # ONCS: Compare, DSM, Write Zeroes
     b[525] = 0x07 if c.vwc else 0x00            # VWC present, flush to NSID FFFFFFFFh supported
     put32(b + 536, c.sgls)
@@ -249,23 +279,50 @@ cdef void mdl_identify_ns(mdl_ctrl *c, uint32_t nsid, uint8_t *b) noexcept nogil
 
 @cython.linetrace(False)
 @cython.profile(False)
+cdef void mdl_identify_ns_common(uint8_t *b) noexcept nogil:
+    """Identify Namespace for NSID FFFFFFFFh: what every namespace shares
+    (the LBA formats a Namespace Management create may ask for), sizes zero."""
+    b[25] = 1
+    put32(b + 128, (9 << 16) | (2 << 24))
+    put32(b + 132, 12 << 16)
+
+
+@cython.linetrace(False)
+@cython.profile(False)
 cdef int mdl_identify(mdl_ctrl *c, mdl_cmdctx *x) noexcept nogil:
     cdef uint32_t cns = x.cmd.cdw10 & 0xFF, nsid = x.cmd.nsid, i, n = 0
+    cdef uint32_t cntid = x.cmd.cdw10 >> 16
     cdef uint8_t *b = c.abuf
     memset(b, 0, 4096)
-    if cns == 0x00:
-        if not mdl_nsid_ok(c, nsid):
+    if cns == 0x00 or cns == 0x11:
+        # 00h: an active NSID's structure; 11h: an allocated one's, attached
+        # or not.  Any other NSID in 1..NN reads as zeroes (NVMe 1.4 5.15.2.1)
+        if nsid == MDL_NSID_ALL and c.store.mgmt:
+            mdl_identify_ns_common(b)
+        elif not mdl_nsid_valid(c, nsid):
             return MST_INVALID_NS | MST_DNR
-        mdl_identify_ns(c, nsid, b)
+        elif mdl_nsid_ok(c, nsid) or (cns == 0x11 and mdl_ns_allocated(&c.store, nsid)):
+            mdl_identify_ns(c, nsid, b)
     elif cns == 0x01:
         mdl_identify_ctrl(c, b)
-    elif cns == 0x02:
+    elif cns == 0x02 or cns == 0x10:
+        # active (02h) or allocated (10h) NSIDs above NSID, ascending
         if nsid >= MDL_NSID_ALL - 1:
             return MST_INVALID_NS | MST_DNR
-        for i in range(1, c.store.nns + 1):
-            if i > nsid:
+        if cns == 0x10 and not c.store.mgmt:
+            return MST_INVALID_FIELD | MST_DNR
+        for i in range(nsid + 1, c.store.nns + 1):
+            if mdl_nsid_ok(c, i) or (cns == 0x10 and mdl_ns_allocated(&c.store, i)):
                 put32(b + 4 * n, i)
                 n += 1
+    elif (cns == 0x12 or cns == 0x13) and c.store.mgmt:
+        # controller lists: the controllers attached to NSID (12h), or all
+        # of the subsystem's (13h), with IDs >= CNTID; this one is all there is
+        if cns == 0x12 and not mdl_ns_allocated(&c.store, nsid):
+            return MST_INVALID_FIELD | MST_DNR
+        if cntid <= MDL_CNTLID and (cns == 0x13 or c.store.ns[nsid - 1].attached):
+            put16(b, 1)
+            put16(b + 2, MDL_CNTLID)
     elif cns == 0x03:
         # namespace identification descriptor list: one UUID (NIDT 3)
         if not mdl_nsid_ok(c, nsid):
@@ -327,7 +384,7 @@ cdef enum:
 
 @cython.linetrace(False)
 @cython.profile(False)
-cdef uint32_t mdl_effects_log(uint8_t *b) noexcept nogil:
+cdef uint32_t mdl_effects_log(mdl_ctrl *c, uint8_t *b) noexcept nogil:
     """Commands Supported and Effects (log page 05h, NVMe 2.0 5.16.1.6):
     admin entries at 0, I/O entries at 1024, one dword per opcode; exactly
     the commands mdl_admin_exec and mdl_io_exec serve."""
@@ -341,6 +398,10 @@ cdef uint32_t mdl_effects_log(uint8_t *b) noexcept nogil:
     # Format NVM rewrites the blocks, may change the LBA size (Identify
     # Namespace), and runs alone
     put32(b + 4 * ADM_FORMAT, EFF_CSUPP | EFF_LBCC | EFF_NCC | EFF_NIC | EFF_CSE_ANY)
+    if c.store.mgmt:
+        # a namespace appears or goes (NIC) and the capacity left changes (NCC)
+        put32(b + 4 * ADM_NS_MGMT, EFF_CSUPP | EFF_NCC | EFF_NIC)
+        put32(b + 4 * ADM_NS_ATTACH, EFF_CSUPP | EFF_NIC)
     # I/O (model_io.pyx): Flush, Write, Read, Compare, Write Zeroes, Dataset Management
     put32(b + 1024 + 4 * 0x00, EFF_CSUPP | EFF_LBCC)
     put32(b + 1024 + 4 * 0x01, EFF_CSUPP | EFF_LBCC)
@@ -359,7 +420,7 @@ cdef int mdl_get_log(mdl_ctrl *c, mdl_cmdctx *x) noexcept nogil:
     cdef uint64_t numd = ((<uint64_t>(cmd.cdw11 & 0xFFFF) << 16) | (cmd.cdw10 >> 16)) + 1
     cdef uint64_t length = numd * 4
     cdef uint64_t off = cmd.cdw12 | (<uint64_t>cmd.cdw13 << 32)
-    cdef uint32_t size, i
+    cdef uint32_t size, i, n
     cdef uint8_t *b = c.abuf
     if off & 3:
         return MST_INVALID_FIELD | MST_DNR
@@ -376,8 +437,19 @@ cdef int mdl_get_log(mdl_ctrl *c, mdl_cmdctx *x) noexcept nogil:
         memset(b, 0, 512)
         b[0] = 1                                # AFI: slot 1 active
         memcpy(b + 8, b"1.0     ", 8)
+    elif lid == 0x04 and c.store.mgmt:
+        # Changed Namespace List: the NSIDs whose attributes changed since
+        # it was last read, ascending (at most 16 here, never the FFFFFFFFh
+        # overflow entry)
+        size = 4096
+        memset(b, 0, 4096)
+        n = 0
+        for i in range(c.store.nns):
+            if c.ns_changed >> i & 1:
+                put32(b + 4 * n, i + 1)
+                n += 1
     elif lid == 0x05:
-        size = mdl_effects_log(b)
+        size = mdl_effects_log(c, b)
     else:
         return MST_LOG_INVALID | MST_DNR
     if off >= size:
@@ -387,6 +459,10 @@ cdef int mdl_get_log(mdl_ctrl *c, mdl_cmdctx *x) noexcept nogil:
     cdef int st = mdl_admin_to_host(c, x, b + off, length)
     if st == 0 and lid == 0x01 and not rae:
         c.aen_error_masked = 0
+    if st == 0 and lid == 0x04 and not rae:
+        # read: the list starts again, and the next change posts an event
+        c.ns_changed = 0
+        c.aen_ns_masked = 0
     return st
 
 
@@ -526,7 +602,7 @@ cdef int mdl_dbbuf_config(mdl_ctrl *c, mdl_cmdctx *x) noexcept nogil:
 cdef int mdl_format(mdl_ctrl *c, mdl_cmdctx *x) noexcept nogil:
     cdef uint32_t nsid = x.cmd.nsid, dw10 = x.cmd.cdw10
     cdef uint32_t lbaf = dw10 & 0xF, mset = (dw10 >> 4) & 1, pi = (dw10 >> 5) & 7
-    cdef uint32_t ses = (dw10 >> 9) & 7, i, first, last
+    cdef uint32_t ses = (dw10 >> 9) & 7, i, first, last, was
     if nsid == MDL_NSID_ALL:
         first = 0
         last = c.store.nns
@@ -544,10 +620,153 @@ cdef int mdl_format(mdl_ctrl *c, mdl_cmdctx *x) noexcept nogil:
     if c.store.raw and lbaf != c.store.ns[0].lbaf:
         return MST_FORMAT_INVALID | MST_DNR     # a raw image has no header to keep an LBA size in
     for i in range(first, last):
+        if not mdl_nsid_ok(c, i + 1):
+            continue                            # FFFFFFFFh: every active namespace
+        was = c.store.ns[i].lbaf
         if ses == 1 and mdl_store_zero(&c.store, &c.store.ns[i], 0, c.store.ns[i].size, True) < 0:
             return MST_INTERNAL
         if mdl_store_set_format(&c.store, i, lbaf) < 0:
             return MST_INTERNAL
+        if was != lbaf:
+            mdl_ns_changed(c, i + 1)            # its Identify Namespace data changed
+    return 0
+
+
+# --- namespace management and attachment (NVMe 1.4 5.20, 5.19) ------------------------
+
+@cython.linetrace(False)
+@cython.profile(False)
+cdef void mdl_ns_changed(mdl_ctrl *c, uint32_t nsid) noexcept nogil:
+    """An attached namespace appeared, went, or changed its Identify data:
+    list it in log 04h and, when the host enabled namespace attribute notices
+    (Set Features 0Bh bit 8), post one Notice event (type 2h, info 00h, log
+    04h) -- then no more until the host has read the log."""
+    c.ns_changed |= <uint32_t>1 << (nsid - 1)
+    if (c.aec >> 8) & 1 and not c.aen_ns_masked:
+        c.aen_ns_masked = 1
+        mdl_aen(c, 2, 0x00, 0x04)
+
+
+@cython.linetrace(False)
+@cython.profile(False)
+cdef inline uint64_t get64(const uint8_t *p) noexcept nogil:
+    cdef uint64_t v
+    memcpy(&v, p, 8)
+    return v
+
+
+@cython.linetrace(False)
+@cython.profile(False)
+cdef int mdl_ns_delete_one(mdl_ctrl *c, uint32_t nsid) noexcept nogil:
+    cdef bint was = c.store.ns[nsid - 1].attached
+    if mdl_store_ns_delete(&c.store, nsid - 1) < 0:
+        return MST_INTERNAL
+    if was:
+        mdl_ns_changed(c, nsid)
+    return 0
+
+
+@cython.linetrace(False)
+@cython.profile(False)
+cdef int mdl_ns_mgmt(mdl_ctrl *c, mdl_cmdctx *x) noexcept nogil:
+    cdef uint32_t sel = x.cmd.cdw10 & 0xF, nsid = x.cmd.nsid, lbaf, newid = 0, i
+    cdef uint8_t *b = c.abuf
+    cdef uint64_t nsze, ncap, size
+    cdef uint32_t shift
+    cdef uint16_t u16a, u16b
+    cdef uint32_t u32
+    cdef int st, rc
+    if x.cmd.cdw11 >> 24:
+        return MST_INVALID_FIELD | MST_DNR      # CSI: the NVM command set only
+    if sel == 0:
+        # create: the host sends the Identify Namespace fields it chooses
+        if nsid != 0:
+            return MST_INVALID_FIELD | MST_DNR
+        st = mdl_admin_from_host(c, x, b, 4096)
+        if st:
+            return st
+        nsze = get64(b)
+        ncap = get64(b + 8)
+        lbaf = b[26] & 0xF
+        memcpy(&u32, b + 92, 4)                 # ANAGRPID
+        memcpy(&u16a, b + 100, 2)               # NVMSETID
+        memcpy(&u16b, b + 102, 2)               # ENDGID
+        if (b[26] >> 5) & 3 or lbaf > 1:
+            return MST_FORMAT_INVALID | MST_DNR
+        if b[29] or b[30] & 1 or u32 or u16a or u16b:
+            # no protection information, no sharing between controllers
+            # (CMIC 0), no ANA groups, NVM sets or endurance groups
+            return MST_INVALID_FIELD | MST_DNR
+        if nsze == 0 or ncap > nsze:
+            return MST_INVALID_FIELD | MST_DNR
+        if ncap < nsze:
+            return MST_THIN_UNSUPPORTED | MST_DNR   # NSFEAT bit 0 is clear
+        shift = 12 if lbaf else 9
+        if nsze > (<uint64_t>0xFFFFFFFFFFFFFFFF >> shift):
+            return MST_NS_INSUFFICIENT_CAP | MST_DNR
+        size = nsze << shift
+        if size & 4095:
+            # a namespace can switch between 512 B and 4 KiB LBAs (Format
+            # NVM), so its size is whole 4 KiB blocks
+            return MST_INVALID_FIELD | MST_DNR
+        rc = mdl_store_ns_create(&c.store, size, lbaf, &newid)
+        if rc == MDL_NS_NO_ID:
+            return MST_NSID_UNAVAILABLE | MST_DNR
+        if rc == MDL_NS_NO_SPACE:
+            return MST_NS_INSUFFICIENT_CAP | MST_DNR
+        if rc < 0:
+            return MST_INTERNAL
+        x.dw0 = newid
+        return 0
+    if sel == 1:
+        if nsid == MDL_NSID_ALL:
+            for i in range(1, c.store.nns + 1):
+                if mdl_ns_allocated(&c.store, i):
+                    st = mdl_ns_delete_one(c, i)
+                    if st:
+                        return st
+            return 0
+        if not mdl_nsid_valid(c, nsid):
+            return MST_INVALID_NS | MST_DNR
+        if not mdl_ns_allocated(&c.store, nsid):
+            return MST_INVALID_FIELD | MST_DNR
+        return mdl_ns_delete_one(c, nsid)
+    return MST_INVALID_FIELD | MST_DNR
+
+
+@cython.linetrace(False)
+@cython.profile(False)
+cdef int mdl_ns_attach(mdl_ctrl *c, mdl_cmdctx *x) noexcept nogil:
+    cdef uint32_t sel = x.cmd.cdw10 & 0xF, nsid = x.cmd.nsid, i
+    cdef uint16_t n, id
+    cdef uint8_t *b = c.abuf
+    cdef bint on
+    cdef int st
+    if sel > 1:
+        return MST_INVALID_FIELD | MST_DNR
+    if nsid == MDL_NSID_ALL or not mdl_nsid_valid(c, nsid):
+        return MST_INVALID_NS | MST_DNR
+    if not mdl_ns_allocated(&c.store, nsid):
+        return MST_INVALID_FIELD | MST_DNR
+    st = mdl_admin_from_host(c, x, b, 4096)
+    if st:
+        return st
+    # the Controller List: a count, then that many controller IDs; this
+    # subsystem has one controller, so the list names it once
+    memcpy(&n, b, 2)
+    if n != 1:
+        return MST_CTRL_LIST_INVALID | MST_DNR
+    memcpy(&id, b + 2, 2)
+    if id != MDL_CNTLID:
+        return MST_CTRL_LIST_INVALID | MST_DNR
+    on = sel == 0
+    if on and c.store.ns[nsid - 1].attached:
+        return MST_NS_ALREADY_ATTACHED | MST_DNR
+    if not on and not c.store.ns[nsid - 1].attached:
+        return MST_NS_NOT_ATTACHED | MST_DNR
+    if mdl_store_ns_attach(&c.store, nsid - 1, on) < 0:
+        return MST_INTERNAL
+    mdl_ns_changed(c, nsid)
     return 0
 
 
@@ -558,7 +777,8 @@ cdef int mdl_admin_exec(mdl_ctrl *c, mdl_cmdctx *x) noexcept nogil:
     if not (opc == ADM_DELETE_SQ or opc == ADM_CREATE_SQ or opc == ADM_GET_LOG
             or opc == ADM_DELETE_CQ or opc == ADM_CREATE_CQ or opc == ADM_IDENTIFY
             or opc == ADM_ABORT or opc == ADM_SET_FEATURES or opc == ADM_GET_FEATURES
-            or opc == ADM_AER or opc == ADM_DBBUF or opc == ADM_FORMAT):
+            or opc == ADM_AER or opc == ADM_DBBUF or opc == ADM_FORMAT
+            or ((opc == ADM_NS_MGMT or opc == ADM_NS_ATTACH) and c.store.mgmt)):
         return MST_INVALID_OPCODE | MST_DNR
     # admin data pointers are PRPs (QEMU refuses SGLs here too); no fused ops
     if (x.cmd.flags >> 6) & 3 or x.cmd.flags & 3:
@@ -585,4 +805,8 @@ cdef int mdl_admin_exec(mdl_ctrl *c, mdl_cmdctx *x) noexcept nogil:
         return mdl_aer(c, x)
     if opc == ADM_DBBUF:
         return mdl_dbbuf_config(c, x)
+    if opc == ADM_NS_MGMT:
+        return mdl_ns_mgmt(c, x)
+    if opc == ADM_NS_ATTACH:
+        return mdl_ns_attach(c, x)
     return mdl_format(c, x)

@@ -189,6 +189,8 @@ cdef struct mdl_ctrl:
     uint32_t aen[8]
     uint32_t naen
     uint8_t aen_error_masked
+    uint8_t aen_ns_masked    # a Namespace Attribute Changed event waits for log 04h to be read
+    uint32_t ns_changed      # Changed Namespace List (log 04h): bit nsid-1
     # error information log: a ring, newest at errlog_head
     uint8_t errlog[4096]
     uint32_t errlog_head
@@ -482,6 +484,7 @@ cdef void mdl_reset(mdl_ctrl *c) noexcept nogil:
     c.aers = 0
     c.naen = 0
     c.aen_error_masked = 0
+    c.aen_ns_masked = 0
     c.dbbuf = 0
     c.dbs = NULL
     c.eis = NULL
@@ -905,8 +908,11 @@ cdef class ControllerModel:
     limits is caught).
 
     ``namespaces``: (size_bytes, lba_size) pairs, default one 1 GiB namespace
-    of 512-byte blocks.  With an existing ``image`` the layout comes from the
-    image header and ``namespaces`` is ignored.
+    of 512-byte blocks, attached.  With an existing ``image`` the layout comes
+    from the image header and ``namespaces`` is ignored.  ``capacity``: NVM
+    capacity in bytes of a new image or of the memory store (default: what
+    the namespaces take); Namespace Management creates namespaces in what is
+    left.  A raw image has no namespace management.
     ``stop()`` powers the controller off and closes the image; it cannot be
     started again."""
     cdef mdl_ctrl *c
@@ -926,7 +932,7 @@ cdef class ControllerModel:
                   uint32_t timeout_500ms=20, bint polled=False, str serial="NVMEFS0000001",
                   str model_name="nvmefs software controller", double idle_spin_us=50,
                   uint32_t wzsl=0, uint32_t dmrl=0, uint32_t dmrsl=0, uint64_t dmsl=0,
-                  bint null_data=False, uint32_t raw_lba_size=512):
+                  bint null_data=False, uint32_t raw_lba_size=512, capacity=None):
         self.c = NULL
         self.arena = arena
         self.regs = regs
@@ -1010,19 +1016,22 @@ cdef class ControllerModel:
             raise OSError(_errno_mod.EMFILE, "cannot create the kick eventfd")
 
         if image is not None:
-            self._open_image(_os.fspath(image), namespaces, create, raw_lba_size)
+            self._open_image(_os.fspath(image), namespaces, create, raw_lba_size, capacity)
         else:
-            self._open_memory(namespaces if namespaces is not None else ((1 << 30, 512),))
+            self._open_memory(namespaces if namespaces is not None else ((1 << 30, 512),), capacity)
         self.opened_ns = nvmefs_now_ns()
         c.start_ns = self.opened_ns
         self._power_on()
 
-    cdef _open_memory(self, namespaces):
-        layout, _end = _image_layout(namespaces)
+    cdef _open_memory(self, namespaces, capacity):
+        layout, capacity = _image_layout(namespaces, capacity)
         cdef mdl_ctrl *c = self.c
         cdef void *p
         c.store.fd = -1
         c.store.power_cycles = 1
+        c.store.nns = MDL_MAX_NS
+        c.store.mgmt = 1
+        c.store.capacity = capacity
         for i, (size, _off, lbaf) in enumerate(layout):
             p = mdl_mmap(NULL, size, PROT_READ | PROT_WRITE,
                          MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0)
@@ -1031,15 +1040,16 @@ cdef class ControllerModel:
             c.store.ns[i].mem = <uint8_t *>p
             c.store.ns[i].size = size
             c.store.ns[i].data_off = 0
+            c.store.ns[i].attached = 1
             mdl_ns_set_format(&c.store.ns[i], lbaf)
-            c.store.nns = i + 1
 
-    cdef _open_image(self, str path, namespaces, bint create, uint32_t raw_lba_size):
+    cdef _open_image(self, str path, namespaces, bint create, uint32_t raw_lba_size, capacity):
         cdef mdl_ctrl *c = self.c
         if not _os.path.exists(path):
             if not create:
                 raise FileNotFoundError(_errno_mod.ENOENT, "image file does not exist", path)
-            create_image(path, namespaces if namespaces is not None else ((1 << 30, 512),))
+            create_image(path, namespaces if namespaces is not None else ((1 << 30, 512),),
+                         capacity=capacity)
         st = _os.stat(path)
         if not (_stat.S_ISREG(st.st_mode) or _stat.S_ISBLK(st.st_mode)):
             raise ValueError(f"{path}: not a regular file or a block device")
@@ -1068,17 +1078,16 @@ cdef class ControllerModel:
                 return
             nss = info["namespaces"]
             if namespaces is not None:
-                want = [(int(s), int(l)) for s, l in namespaces]
+                want = [(int(sz), int(l)) for sz, l in namespaces]
                 have = [(ns["size"], ns["lba_size"]) for ns in nss]
                 if want != have:
                     # the image is authoritative (Format may have changed it since)
                     _log.info("%s: using the image's namespaces %s, not %s", path, have, want)
-            layout = [(ns["size"], ns["offset"], ns["lbaf"]) for ns in nss]
             flags = info["flags"]
             cycles = info["power_cycles"] + 1
             unsafe = info["unsafe_shutdowns"] + (1 if flags & MDL_IMG_DIRTY else 0)
-            _os.pwrite(f.fileno(), _pack_header(layout, flags | MDL_IMG_DIRTY, cycles,
-                                                info["power_on_seconds"], unsafe), 0)
+            _os.pwrite(f.fileno(), _pack_fixed(info["entries"], flags | MDL_IMG_DIRTY, cycles,
+                                               info["power_on_seconds"], unsafe, info["capacity"]), 0)
             _os.fsync(f.fileno())
         except BaseException:
             f.close()
@@ -1089,13 +1098,18 @@ cdef class ControllerModel:
         c.store.power_cycles = cycles
         c.store.power_on_seconds = info["power_on_seconds"]
         c.store.unsafe_shutdowns = unsafe
-        for i, (size, off, lbaf) in enumerate(layout):
-            c.store.ns[i].size = size
-            c.store.ns[i].data_off = off
+        c.store.nns = MDL_MAX_NS
+        c.store.mgmt = 1
+        c.store.capacity = info["capacity"]
+        for ns in nss:
+            i = ns["nsid"] - 1
+            c.store.ns[i].size = ns["size"]
+            c.store.ns[i].data_off = ns["offset"]
             c.store.ns[i].mem = NULL
-            mdl_ns_set_format(&c.store.ns[i], lbaf)
-        c.store.nns = len(layout)
-        self._map_image(layout)
+            c.store.ns[i].attached = ns["attached"]
+            mdl_ns_set_format(&c.store.ns[i], ns["lbaf"])
+        # the whole data area, so that a namespace created later is mapped too
+        self._map_image(MDL_IMG_ALIGN, MDL_IMG_ALIGN + info["capacity"])
 
     cdef _open_raw(self, f, str path, info, uint32_t lba):
         """One namespace over the whole raw image, of ``lba``-byte LBAs."""
@@ -1118,15 +1132,17 @@ cdef class ControllerModel:
         c.store.ns[0].size = size
         c.store.ns[0].data_off = 0
         c.store.ns[0].mem = NULL
+        c.store.ns[0].attached = 1
         mdl_ns_set_format(&c.store.ns[0], _LBA_SIZES[lba])
         c.store.nns = 1
-        self._map_image([(size, 0, _LBA_SIZES[lba])])
+        c.store.capacity = size
+        self._map_image(0, size)
 
-    cdef _map_image(self, layout):
+    cdef _map_image(self, uint64_t start, uint64_t end):
         cdef mdl_ctrl *c = self.c
         cdef void *p
-        start = min(off for _size, off, _lbaf in layout)
-        end = max(off + size for size, off, _lbaf in layout)
+        if end <= start:
+            return
         mdl_bus_guard_install()
         p = mdl_mmap(NULL, end - start, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_NORESERVE,
                      c.store.fd, start)
@@ -1208,12 +1224,11 @@ cdef class ControllerModel:
                     _os.fsync(f.fileno())   # no header: the data is all there is
                     return
                 info = read_image_header(self.image_path)
-                layout = [(ns["size"], ns["offset"], ns["lbaf"]) for ns in info["namespaces"]]
                 pon = info["power_on_seconds"] + (nvmefs_now_ns() - self.opened_ns) // 1000000000
                 _os.fsync(f.fileno())
-                _os.pwrite(f.fileno(), _pack_header(layout, info["flags"] & ~MDL_IMG_DIRTY,
-                                                    info["power_cycles"], pon,
-                                                    info["unsafe_shutdowns"]), 0)
+                _os.pwrite(f.fileno(), _pack_fixed(info["entries"], info["flags"] & ~MDL_IMG_DIRTY,
+                                                   info["power_cycles"], pon, info["unsafe_shutdowns"],
+                                                   info["capacity"]), 0)
                 _os.fsync(f.fileno())
             finally:
                 f.close()
@@ -1394,7 +1409,16 @@ cdef class ControllerModel:
         cdef mdl_ctrl *c = self.c
         return [{"nsid": i + 1, "size": c.store.ns[i].size,
                  "lba_size": 1 << c.store.ns[i].lba_shift, "nlba": c.store.ns[i].nlba,
-                 "lbaf": c.store.ns[i].lbaf} for i in range(c.store.nns)]
+                 "lbaf": c.store.ns[i].lbaf, "attached": bool(c.store.ns[i].attached)}
+                for i in range(c.store.nns) if c.store.ns[i].size]
+
+    @property
+    def capacity(self):
+        """(NVM capacity, unallocated capacity) in bytes, as Identify
+        Controller reports them (TNVMCAP, UNVMCAP)."""
+        cdef uint64_t unalloc = 0
+        mdl_store_place(&self.c.store, 0, &unalloc)
+        return self.c.store.capacity, unalloc
 
     @property
     def namespace_path(self):

@@ -154,7 +154,9 @@ cdef int mdl_io_exec(mdl_ctrl *c, mdl_cmdctx *x) noexcept nogil:
         # VWC bits 2:1 = 11b: a flush to every namespace
         return MST_WRITE_FAULT if (c.wce and mdl_store_flush(&c.store) < 0) else 0
     if not mdl_nsid_ok(c, nsid):
-        return MST_INVALID_NS | MST_DNR
+        # an NSID in 1..NN that is not attached is inactive: Invalid Field
+        # (as QEMU answers); outside 1..NN it is invalid
+        return (MST_INVALID_FIELD if mdl_nsid_valid(c, nsid) else MST_INVALID_NS) | MST_DNR
     ns = &c.store.ns[nsid - 1]
     if opc == IO_READ or opc == IO_WRITE or opc == IO_COMPARE:
         return mdl_io_rw(c, x, ns)

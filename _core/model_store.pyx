@@ -6,19 +6,27 @@
 #     0    16    magic "NVMEFSIMG1", NUL padded
 #     16    4    version (1)
 #     20    4    header size (4096)
-#     24    4    namespace count (1..16)
+#     24    4    namespace table entries (1..16; entries past it are unallocated)
 #     28    4    flags (bit 0: opened by a model and not closed cleanly)
 #     32    8    power cycles (incremented each time a model opens the image)
 #     40    8    power-on seconds (accumulated when a model closes the image)
 #     48    8    unsafe shutdowns (opened while flag bit 0 was still set)
-#     56    8    reserved
-#     64   32*n  one entry per namespace:
-#                  +0  8  size in bytes (a multiple of 4096; fixed for life)
+#     56    8    NVM capacity in bytes: the data area is [1 MiB, 1 MiB + capacity)
+#                (0 in images made before namespace management: up to the file's end)
+#     64   32*n  one entry per namespace ID (NSID = index + 1):
+#                  +0  8  size in bytes (a multiple of 4096; 0: the NSID is unallocated)
 #                  +8  8  file offset of the namespace data (1 MiB aligned)
 #                  +16 4  current LBA format index (0: 512 B, 1: 4096 B)
-#                  +20 12 reserved
-#   then each namespace's data at its 1 MiB aligned offset, back to back.
+#                  +20 4  flags (bit 0: allocated but not attached to the controller)
+#                  +24 8  reserved
+#   then each namespace's data at its 1 MiB aligned offset inside the data area.
 #
+# Namespace Management (create, delete) and Attachment change one entry with
+# one 32-byte write and an fsync; a new namespace takes the lowest gap of the
+# data area that holds it (1 MiB aligned), and its range is deallocated when
+# it is created and again when it is deleted, so it reads zeroes and a sparse
+# image gives the space back.
+
 # Raw images: a file (or block device) without the magic is a raw disk
 # image, served as one namespace over the whole of it from offset 0, as
 # QEMU's -device nvme-ns,drive= does.  Nothing is ever written to it but the
@@ -86,10 +94,12 @@ cdef enum:
     MDL_IMG_NS_SIZE = 32
     MDL_IMG_VERSION = 1
     MDL_IMG_DIRTY = 1
+    MDL_IMG_NS_DETACHED = 1
     MDL_CMP_CHUNK = 1 << 17
 
 cdef struct mdl_ns:
-    uint64_t size          # bytes, fixed for the namespace's life
+    uint64_t size          # bytes, fixed for the namespace's life; 0: NSID unallocated
+    uint8_t attached       # to this (the only) controller: an active NSID
     uint64_t data_off      # file offset of LBA 0
     uint32_t lbaf          # 0: 512 B, 1: 4096 B
     uint32_t lba_shift
@@ -101,8 +111,10 @@ cdef struct mdl_store:
     uint8_t *map           # the image's namespaces, mapped shared (writes); NULL: pwritev only
     uint64_t map_off       # file offset of map[0]
     uint64_t map_len
-    uint32_t nns
+    uint32_t nns           # NSIDs 1..nns exist (NN): 16, or 1 for a raw image
     mdl_ns ns[16]
+    uint64_t capacity      # NVM capacity (TNVMCAP), bytes
+    uint8_t mgmt           # namespaces can be created and deleted (not a raw image)
     uint64_t power_cycles
     uint64_t power_on_seconds
     uint64_t unsafe_shutdowns
@@ -284,6 +296,181 @@ cdef int mdl_store_set_format(mdl_store *s, uint32_t nsi, uint32_t lbaf) noexcep
     return 0
 
 
+# --- namespace management -------------------------------------------------------
+
+cdef enum:
+    MDL_NS_NO_ID = 1           # every NSID is allocated
+    MDL_NS_NO_SPACE = 2        # no gap of the data area holds the namespace
+
+
+@cython.linetrace(False)
+@cython.profile(False)
+cdef inline bint mdl_ns_allocated(mdl_store *s, uint32_t nsid) noexcept nogil:
+    return nsid >= 1 and nsid <= s.nns and s.ns[nsid - 1].size != 0
+
+
+@cython.linetrace(False)
+@cython.profile(False)
+cdef inline bint mdl_ns_active(mdl_store *s, uint32_t nsid) noexcept nogil:
+    return mdl_ns_allocated(s, nsid) and s.ns[nsid - 1].attached
+
+
+@cython.linetrace(False)
+@cython.profile(False)
+cdef inline uint64_t mdl_align_mib(uint64_t v) noexcept nogil:
+    return (v + MDL_IMG_ALIGN - 1) & ~(<uint64_t>MDL_IMG_ALIGN - 1)
+
+
+@cython.linetrace(False)
+@cython.profile(False)
+cdef uint64_t mdl_store_place(mdl_store *s, uint64_t size, uint64_t *unallocated) noexcept nogil:
+    """The lowest 1 MiB aligned file offset of the data area where ``size``
+    bytes fit between the allocated namespaces (0: nowhere; the memory store
+    answers 1 when the capacity left is enough); ``unallocated`` gets the
+    bytes of every gap (UNVMCAP)."""
+    cdef uint64_t used = 0, cur, end, best = 0, o, e
+    cdef uint32_t i, j, n = 0
+    cdef uint32_t order[16]
+    if s.fd < 0:
+        for i in range(s.nns):
+            used += s.ns[i].size
+        unallocated[0] = s.capacity - used if s.capacity > used else 0
+        return 1 if size and size <= unallocated[0] else 0
+    # allocated namespaces by data offset (at most 16: insertion sort)
+    for i in range(s.nns):
+        if s.ns[i].size == 0:
+            continue
+        j = n
+        while j > 0 and s.ns[order[j - 1]].data_off > s.ns[i].data_off:
+            order[j] = order[j - 1]
+            j -= 1
+        order[j] = i
+        n += 1
+    unallocated[0] = 0
+    cur = MDL_IMG_ALIGN
+    end = MDL_IMG_ALIGN + s.capacity
+    for j in range(n + 1):
+        o = s.ns[order[j]].data_off if j < n else end
+        if o > cur:
+            if best == 0 and size and o - cur >= size:
+                best = cur
+            unallocated[0] += o - cur
+        if j < n:
+            e = mdl_align_mib(o + s.ns[order[j]].size)
+            if e > cur:
+                cur = e
+    return best
+
+
+@cython.linetrace(False)
+@cython.profile(False)
+cdef int mdl_store_write_entry(mdl_store *s, uint32_t nsi) noexcept nogil:
+    """Record namespace table entry ``nsi`` in the image header (one 32-byte
+    write, then fsync: the entry is old or new after a crash)."""
+    cdef uint8_t e[32]
+    cdef uint32_t v, slots = MDL_MAX_NS
+    cdef mdl_ns *ns = &s.ns[nsi]
+    if s.fd < 0:
+        return 0
+    memset(e, 0, 32)
+    memcpy(e, &ns.size, 8)
+    if ns.size:
+        memcpy(e + 8, &ns.data_off, 8)
+        v = ns.lbaf
+        memcpy(e + 16, &v, 4)
+        v = 0 if ns.attached else MDL_IMG_NS_DETACHED
+        memcpy(e + 20, &v, 4)
+    if mdl_pwrite(s.fd, e, 32, MDL_IMG_NS_OFF + MDL_IMG_NS_SIZE * nsi) != 32:
+        return -mdl_errno()
+    # every entry is in the table from now on (the ones past an old count are zero)
+    if mdl_pwrite(s.fd, &slots, 4, 24) != 4:
+        return -mdl_errno()
+    if mdl_fsync(s.fd) < 0:
+        return -mdl_errno()
+    return 0
+
+
+@cython.linetrace(False)
+@cython.profile(False)
+cdef int mdl_store_ns_create(mdl_store *s, uint64_t size, uint32_t lbaf, uint32_t *nsid) noexcept nogil:
+    """Allocate a namespace of ``size`` bytes (a multiple of 4096), not
+    attached, reading zeroes.  0, MDL_NS_NO_ID, MDL_NS_NO_SPACE or -errno."""
+    cdef uint32_t i
+    cdef uint64_t off, unalloc
+    cdef void *p
+    cdef mdl_ns *ns
+    cdef int rc
+    for i in range(s.nns):
+        if s.ns[i].size == 0:
+            break
+    else:
+        return MDL_NS_NO_ID
+    off = mdl_store_place(s, size, &unalloc)
+    if off == 0:
+        return MDL_NS_NO_SPACE
+    ns = &s.ns[i]
+    memset(ns, 0, sizeof(mdl_ns))
+    if s.fd < 0:
+        p = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0)
+        if p == MAP_FAILED:
+            return -_merrno.ENOMEM
+        ns.mem = <uint8_t *>p
+    else:
+        ns.data_off = off
+        # whatever an earlier namespace left there (a delete cut short by
+        # a crash) is not the new namespace's
+        ns.size = size
+        rc = mdl_store_zero(s, ns, 0, size, True)
+        if rc < 0:
+            ns.size = 0
+            return rc
+    ns.size = size
+    mdl_ns_set_format(ns, lbaf)
+    ns.attached = 0
+    rc = mdl_store_write_entry(s, i)
+    if rc < 0:
+        if ns.mem != NULL:
+            munmap(ns.mem, size)
+        memset(ns, 0, sizeof(mdl_ns))
+        return rc
+    nsid[0] = i + 1
+    return 0
+
+
+@cython.linetrace(False)
+@cython.profile(False)
+cdef int mdl_store_ns_delete(mdl_store *s, uint32_t nsi) noexcept nogil:
+    """Free namespace ``nsi``: the header entry first, then its blocks are
+    given back (a crash in between leaves stale blocks in a gap, which the
+    next create deallocates).  0 or -errno."""
+    cdef mdl_ns keep = s.ns[nsi]
+    cdef int rc
+    s.ns[nsi].size = 0
+    s.ns[nsi].attached = 0
+    rc = mdl_store_write_entry(s, nsi)
+    if rc < 0:
+        s.ns[nsi] = keep
+        return rc
+    if keep.mem != NULL:
+        munmap(keep.mem, keep.size)
+    else:
+        mdl_store_zero(s, &keep, 0, keep.size, True)
+    memset(&s.ns[nsi], 0, sizeof(mdl_ns))
+    return 0
+
+
+@cython.linetrace(False)
+@cython.profile(False)
+cdef int mdl_store_ns_attach(mdl_store *s, uint32_t nsi, bint on) noexcept nogil:
+    cdef uint8_t old = s.ns[nsi].attached
+    cdef int rc
+    s.ns[nsi].attached = on
+    rc = mdl_store_write_entry(s, nsi)
+    if rc < 0:
+        s.ns[nsi].attached = old
+    return rc
+
+
 # --- Python side: image files -----------------------------------------------------
 
 import os as _os
@@ -292,18 +479,20 @@ import struct as _struct
 
 _IMG_MAGIC = b"NVMEFSIMG1"
 _IMG_HDR = _struct.Struct("<16sIIIIQQQQ")
-_IMG_NS = _struct.Struct("<QQI12x")
+_IMG_NS = _struct.Struct("<QQII8x")
 _LBA_SIZES = {512: 0, 4096: 1}
 
 
-def _image_layout(namespaces):
-    """[(size, data_offset, lbaf)] and the file size for ``namespaces``
-    ((size_bytes, lba_size) pairs), validated."""
+def _image_layout(namespaces, capacity=None):
+    """[(size, data_offset, lbaf)] for ``namespaces`` ((size_bytes, lba_size)
+    pairs) placed back to back, and the NVM capacity: ``capacity`` if given
+    (at least what the namespaces take), else exactly what they take."""
     namespaces = list(namespaces)
-    if not 1 <= len(namespaces) <= MDL_MAX_NS:
-        raise ValueError(f"{len(namespaces)} namespaces: 1..{MDL_MAX_NS} supported")
+    if len(namespaces) > MDL_MAX_NS:
+        raise ValueError(f"{len(namespaces)} namespaces: at most {MDL_MAX_NS} supported")
     out = []
     off = MDL_IMG_ALIGN
+    end = MDL_IMG_ALIGN
     for i, ns in enumerate(namespaces):
         size, lba = ns
         if lba not in _LBA_SIZES:
@@ -311,51 +500,73 @@ def _image_layout(namespaces):
         if size <= 0 or size % 4096:
             raise ValueError(f"namespace {i + 1}: size {size} is not a positive multiple of 4096")
         out.append((int(size), off, _LBA_SIZES[lba]))
+        end = off + size
         off = (off + size + MDL_IMG_ALIGN - 1) // MDL_IMG_ALIGN * MDL_IMG_ALIGN
-    last = out[len(out) - 1]
-    end = last[1] + last[0]
-    return out, end
+    need = end - MDL_IMG_ALIGN
+    if capacity is None:
+        if not out:
+            raise ValueError("an image without namespaces needs a capacity")
+        capacity = need
+    elif capacity < need or capacity <= 0 or capacity % 4096:
+        raise ValueError(f"capacity {capacity}: a positive multiple of 4096 that holds the "
+                         f"namespaces ({need} bytes)")
+    return out, capacity
 
 
-def _pack_header(layout, flags=0, power_cycles=0, power_on_seconds=0, unsafe=0):
+def _pack_fixed(count, flags, power_cycles, power_on_seconds, unsafe, capacity):
+    """The first 64 bytes of the header (everything but the namespace table)."""
+    return _IMG_HDR.pack(_IMG_MAGIC, MDL_IMG_VERSION, MDL_IMG_HEADER, count, flags,
+                         power_cycles, power_on_seconds, unsafe, capacity)
+
+
+def _pack_header(layout, capacity):
     hdr = bytearray(MDL_IMG_HEADER)
-    _IMG_HDR.pack_into(hdr, 0, _IMG_MAGIC, MDL_IMG_VERSION, MDL_IMG_HEADER, len(layout), flags,
-                       power_cycles, power_on_seconds, unsafe, 0)
+    hdr[:MDL_IMG_NS_OFF] = _pack_fixed(max(len(layout), 1), 0, 0, 0, 0, capacity)
     for i, (size, off, lbaf) in enumerate(layout):
-        _IMG_NS.pack_into(hdr, MDL_IMG_NS_OFF + MDL_IMG_NS_SIZE * i, size, off, lbaf)
+        _IMG_NS.pack_into(hdr, MDL_IMG_NS_OFF + MDL_IMG_NS_SIZE * i, size, off, lbaf, 0)
     return bytes(hdr)
 
 
 def _parse_header(raw, path):
     if len(raw) < MDL_IMG_HEADER or raw[:len(_IMG_MAGIC)] != _IMG_MAGIC:
         raise ValueError(f"{path}: not an nvmefs image (no NVMEFSIMG1 magic)")
-    magic, version, hsize, nns, flags, cycles, pon, unsafe, _r = _IMG_HDR.unpack_from(raw, 0)
+    magic, version, hsize, nns, flags, cycles, pon, unsafe, capacity = _IMG_HDR.unpack_from(raw, 0)
     if version != MDL_IMG_VERSION or hsize != MDL_IMG_HEADER:
         raise ValueError(f"{path}: unsupported nvmefs image version {version} (header {hsize} bytes)")
     if not 1 <= nns <= MDL_MAX_NS:
-        raise ValueError(f"{path}: corrupt nvmefs image header ({nns} namespaces)")
+        raise ValueError(f"{path}: corrupt nvmefs image header ({nns} namespace entries)")
     nss = []
     for i in range(nns):
-        size, off, lbaf = _IMG_NS.unpack_from(raw, MDL_IMG_NS_OFF + MDL_IMG_NS_SIZE * i)
-        if lbaf > 1 or size == 0 or size % 4096 or off % MDL_IMG_ALIGN or off < MDL_IMG_HEADER:
+        size, off, lbaf, nsflags = _IMG_NS.unpack_from(raw, MDL_IMG_NS_OFF + MDL_IMG_NS_SIZE * i)
+        if size == 0:
+            continue                    # an unallocated NSID
+        if lbaf > 1 or size % 4096 or off % MDL_IMG_ALIGN or off < MDL_IMG_HEADER or nsflags > 1:
             raise ValueError(f"{path}: corrupt nvmefs image header (namespace {i + 1})")
         nss.append({"nsid": i + 1, "size": size, "offset": off, "lbaf": lbaf,
-                    "lba_size": 4096 if lbaf else 512, "nlba": size >> (12 if lbaf else 9)})
+                    "lba_size": 4096 if lbaf else 512, "nlba": size >> (12 if lbaf else 9),
+                    "attached": not nsflags & MDL_IMG_NS_DETACHED})
+    ranges = sorted((ns["offset"], ns["offset"] + ns["size"], ns["nsid"]) for ns in nss)
+    for (_a, end, first), (start, _b, second) in zip(ranges, ranges[1:]):
+        if start < end:
+            raise ValueError(f"{path}: corrupt nvmefs image header (namespaces {first} and "
+                             f"{second} overlap)")
     return {"version": version, "flags": flags, "power_cycles": cycles,
             "power_on_seconds": pon, "unsafe_shutdowns": unsafe, "namespaces": nss,
-            "clean": not (flags & MDL_IMG_DIRTY)}
+            "entries": nns, "capacity": capacity, "clean": not (flags & MDL_IMG_DIRTY)}
 
 
-def create_image(path, namespaces=((1 << 30, 512),), *, exist_ok=False):
+def create_image(path, namespaces=((1 << 30, 512),), *, capacity=None, exist_ok=False):
     """Create a sparse image file for ``namespaces`` ((size_bytes, lba_size)
-    pairs).  Refuses to overwrite an existing file unless ``exist_ok``."""
-    layout, end = _image_layout(namespaces)
+    pairs, attached), with ``capacity`` bytes of NVM in all (default: just
+    what the namespaces take; more leaves room for Namespace Management).
+    Refuses to overwrite an existing file unless ``exist_ok``."""
+    layout, capacity = _image_layout(namespaces, capacity)
     flags = _os.O_RDWR | _os.O_CREAT | (0 if exist_ok else _os.O_EXCL)
     fd = _os.open(path, flags, 0o644)
     try:
         _os.ftruncate(fd, 0)
-        _os.pwrite(fd, _pack_header(layout), 0)
-        _os.ftruncate(fd, end)
+        _os.pwrite(fd, _pack_header(layout, capacity), 0)
+        _os.ftruncate(fd, MDL_IMG_ALIGN + capacity)
         _os.fsync(fd)
     finally:
         _os.close(fd)
@@ -398,16 +609,23 @@ def create_raw_image(path, size):
 
 
 def read_image_header(path):
-    """The header of an nvmefs image as a dict (version, namespaces with size,
-    LBA size and data offset, power cycles, ...).  ValueError if the file is
-    not an nvmefs image."""
+    """The header of an nvmefs image as a dict (version, the allocated
+    namespaces with size, LBA size, data offset and whether attached, the NVM
+    capacity, power cycles, ...).  ValueError if the file is not an nvmefs
+    image or is shorter than its header says."""
     with open(path, "rb") as f:
         raw = f.read(MDL_IMG_HEADER)
         size = f.seek(0, 2)         # st_size is 0 for a block device
     info = _parse_header(raw, path)
     info["file_size"] = size
+    if info["capacity"] == 0:
+        # made before the capacity was recorded: the data area ends with the file
+        info["capacity"] = max(size - MDL_IMG_ALIGN, 0)
+    elif MDL_IMG_ALIGN + info["capacity"] > size:
+        raise ValueError(f"{path}: image is truncated (its capacity ends at "
+                         f"{MDL_IMG_ALIGN + info['capacity']}, file has {size} bytes)")
     for ns in info["namespaces"]:
-        if ns["offset"] + ns["size"] > size:
+        if ns["offset"] + ns["size"] > MDL_IMG_ALIGN + info["capacity"]:
             raise ValueError(f"{path}: image is truncated (namespace {ns['nsid']} ends at "
                              f"{ns['offset'] + ns['size']}, file has {size} bytes)")
     return info

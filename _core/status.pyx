@@ -197,6 +197,18 @@ cdef int _status_init() except -1:
     _status_add(1, 0x0E, b"FEATURE_NOT_CHANGEABLE", b"Feature Not Changeable", _cerr.EPERM, False)
     _status_add(1, 0x0F, b"FEATURE_NOT_NAMESPACE_SPECIFIC", b"Feature Not Namespace Specific",
                 EINVAL_, False)
+    # Namespace Management / Attachment (the only commands that use 0x15-0x1C here)
+    _status_add(1, 0x15, b"NAMESPACE_INSUFFICIENT_CAPACITY", b"Namespace Insufficient Capacity",
+                _cerr.ENOSPC, False)
+    _status_add(1, 0x16, b"NAMESPACE_ID_UNAVAILABLE", b"Namespace Identifier Unavailable",
+                _cerr.ENOSPC, False)
+    _status_add(1, 0x18, b"NAMESPACE_ALREADY_ATTACHED", b"Namespace Already Attached",
+                _cerr.EEXIST, False)
+    _status_add(1, 0x19, b"NAMESPACE_IS_PRIVATE", b"Namespace Is Private", _cerr.EPERM, False)
+    _status_add(1, 0x1A, b"NAMESPACE_NOT_ATTACHED", b"Namespace Not Attached", EINVAL_, False)
+    _status_add(1, 0x1B, b"THIN_PROVISIONING_NOT_SUPPORTED", b"Thin Provisioning Not Supported",
+                _cerr.EOPNOTSUPP, False)
+    _status_add(1, 0x1C, b"CONTROLLER_LIST_INVALID", b"Controller List Invalid", EINVAL_, False)
     # 0x80-0xBF: NVM command set (Read, Write, Compare, Write Zeroes, DSM)
     _status_add(1, 0x80, b"CONFLICTING_ATTRIBUTES", b"Conflicting Attributes", EINVAL_, False)
     # a PRINFO field the namespace cannot honour: a command field error, not a

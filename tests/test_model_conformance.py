@@ -170,7 +170,7 @@ def test_identify_controller(make_host):
     assert d[262] == 63                                              # ELPE
     assert d[512] == 0x66 and d[513] == 0x44
     assert struct.unpack_from("<H", d, 514)[0] == 511
-    assert struct.unpack_from("<I", d, 516)[0] == 1                  # NN
+    assert struct.unpack_from("<I", d, 516)[0] == 16                 # NN: every NSID it can allocate
     assert struct.unpack_from("<H", d, 520)[0] & 0xD == 0xD          # ONCS
     assert d[525] & 1 == 1                                           # VWC
     assert struct.unpack_from("<I", d, 536)[0] == 0x1                # SGLS "on"
@@ -198,8 +198,14 @@ def test_identify_namespace_and_lists(make_host):
     assert struct.unpack_from("<3I", h.identify(2, nsid=0), 0) == (1, 2, 0)
     assert struct.unpack_from("<2I", h.identify(2, nsid=1), 0) == (2, 0)
     buf = h.alloc(PAGE)
-    for nsid in (0, 3, 0xFFFFFFFF):
+    for nsid in (0, 17):
         assert status_of(h.admin(0x06, nsid=nsid, cdw10=0, prp1=buf.iova)) == INVALID_NS
+    # an unallocated NSID in 1..NN is inactive: a zeroed structure
+    assert h.identify(0, nsid=3) == bytes(4096)
+    # FFFFFFFFh: what every namespace shares (the LBA formats), no sizes
+    d = h.identify(0, nsid=0xFFFFFFFF)
+    assert struct.unpack_from("<Q", d, 0)[0] == 0 and d[25] == 1
+    assert (struct.unpack_from("<I", d, 132)[0] >> 16) & 0xFF == 12
     assert status_of(h.admin(0x06, nsid=0xFFFFFFFE, cdw10=2, prp1=buf.iova)) == INVALID_NS
     assert status_of(h.admin(0x06, cdw10=0x55, prp1=buf.iova)) == INVALID_FIELD
 
@@ -503,8 +509,10 @@ def test_io_validation(make_host):
     buf = h.alloc(8 * PAGE)
     prp1, prp2 = h.prps(buf.iova, 32768)
     nlba = NS_SIZE // 512
-    for nsid in (0, 2, 0xFFFFFFFF):
+    for nsid in (0, 17, 0xFFFFFFFF):
         assert status_of(h.io(0x02, nsid=nsid, prp1=buf.iova)) == INVALID_NS
+    # an inactive NSID (in 1..NN, not attached) is Invalid Field, as QEMU answers
+    assert status_of(h.io(0x02, nsid=2, prp1=buf.iova)) == INVALID_FIELD
     assert status_of(h.io(0x02, nsid=1, cdw10=nlba, prp1=buf.iova)) == LBA_RANGE
     assert status_of(h.io(0x01, nsid=1, cdw10=nlba - 1, cdw12=1, prp1=buf.iova)) == LBA_RANGE
     assert status_of(h.io(0x02, nsid=1, cdw10=0xFFFFFFFF, cdw11=0xFFFFFFFF,
@@ -555,7 +563,7 @@ def test_deallocate_write_zeroes_compare_flush(host):
     # Flush, also to every namespace
     assert h.io(0x00, nsid=1).status == 0
     assert h.io(0x00, nsid=0xFFFFFFFF).status == 0
-    assert status_of(h.io(0x00, nsid=5)) == INVALID_NS
+    assert status_of(h.io(0x00, nsid=17)) == INVALID_NS
     # FUA write
     assert h.write(100, pattern(512, 4), fua=True).status == 0
     assert h.read(100, 512)[1] == pattern(512, 4)
@@ -608,14 +616,14 @@ def test_error_log_entries_newest_first(host):
     h = host
     buf = h.alloc(PAGE)
     c1 = h.io(0x02, nsid=1, cdw10=NS_SIZE // 512 + 5, prp1=buf.iova)
-    c2 = h.io(0x02, nsid=4, cdw10=77, prp1=buf.iova)
+    c2 = h.io(0x02, nsid=40, cdw10=77, prp1=buf.iova)
     c, log = h.get_log(0x01, 4096)
     assert c.status == 0
     e0, e1 = log[:64], log[64:128]
     count0, sqid0, cid0, st0, _loc0, lba0, nsid0 = struct.unpack_from("<QHHHHQI", e0)
     count1, sqid1, cid1, st1, _loc1, lba1, nsid1 = struct.unpack_from("<QHHHHQI", e1)
     assert count0 == count1 + 1
-    assert (sqid0, cid0, nsid0, lba0) == (1, c2.cid, 4, 77)
+    assert (sqid0, cid0, nsid0, lba0) == (1, c2.cid, 40, 77)
     assert (sqid1, cid1, nsid1, lba1) == (1, c1.cid, 1, NS_SIZE // 512 + 5)
     assert _core.decode_status(st0).name == "INVALID_NAMESPACE_OR_FORMAT"
     assert _core.decode_status(st1).name == "LBA_OUT_OF_RANGE"

@@ -37,14 +37,11 @@ DEVIATIONS = {
         "NVM command set lists LBA Out of Range for Dataset Management (the model's answer)",
     "read of an inactive namespace (99)":
         "both conform: QEMU reports NN=256, so NSID 99 is valid but inactive (Invalid Field in "
-        "Command); the model's NN is its namespace count, so 99 is invalid (Invalid Namespace "
-        "or Format)",
+        "Command); the model's NN is 16 (the NSIDs Namespace Management can allocate), so 99 "
+        "is invalid (Invalid Namespace or Format)",
     "Identify Namespace of an inactive NSID (99)":
         "both conform, NN differs as above: an inactive NSID gets a zeroed structure (QEMU), "
         "an invalid one Invalid Namespace or Format (model)",
-    "Get Log Page 04h (Changed Namespace List)":
-        "model: does not implement the optional Changed Namespace List page (QEMU does); "
-        "to add to the model with namespace attribute notices",
     "Get Log Page 7Fh (unknown 7Fh)":
         "QEMU: Invalid Field in Command for an unsupported log page; the spec says Invalid Log "
         "Page (the model's answer)",
