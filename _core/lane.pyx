@@ -138,6 +138,7 @@ cdef enum:
     CTL_ATTACH = 2              # serve on the queue pair in next_qp
     CTL_FAIL = 3                # the controller is gone for good: answer EIO
     CTL_STOP = 4                # stop reading; answer what is in flight; end the thread
+    CTL_NAMESPACES = 5          # serve the namespace table in next_ns from now on
 
 # event ring records (lane -> trio)
 cdef enum:
@@ -726,6 +727,12 @@ cdef void lane_control(lane_t *ln) noexcept nogil:
                 r.quarantine = r.lost and ln.next_irq != 0
     elif cmd == CTL_STOP:
         lane_stop_reading(ln, 0)
+    elif cmd == CTL_NAMESPACES:
+        # a namespace came, went or changed its LBA size while the queues
+        # stayed: requests parsed from now on see the new table; ones in
+        # flight finish with what the controller answers (a namespace that
+        # went: Invalid Field, EIO)
+        ln.ns = ln.next_ns
     lane_store32(&ln.ctl_done, seq)
     lane_post(ln, EV_ACK, NULL, 0, 0, 0, 0, 0, 0, 0, seq)
     if cmd == CTL_FAIL:
@@ -939,7 +946,8 @@ cdef void lane_fail_all(lane_t *ln) noexcept nogil:
 
 
 def _lane_ctl_names():
-    return {"quiesce": CTL_QUIESCE, "attach": CTL_ATTACH, "fail": CTL_FAIL, "stop": CTL_STOP}
+    return {"quiesce": CTL_QUIESCE, "attach": CTL_ATTACH, "fail": CTL_FAIL, "stop": CTL_STOP,
+            "namespaces": CTL_NAMESPACES}
 
 
 # -- the control plane's handle ---------------------------------------------------------------
@@ -1160,7 +1168,9 @@ cdef class LaneSet:
         """The table the next attach() hands the lanes: (nsid, lba_size,
         nlbas, limits) each, limits as Controller.nvm_limits plus
         ``write_zeroes``, ``dsm`` (deallocate reads as zeroes).  The lanes
-        switch to it in attach(): before then they still read the old one."""
+        switch to it in attach() or on a "namespaces" post: before then they
+        still read the old one, which stays intact until the next call (so
+        wait for every lane's acknowledgement before calling again)."""
         cdef int nxt = 1 - self.table_cur
         cdef lane_ns *t = self.tables[nxt]
         cdef uint32_t nsid, shift, lba_size
@@ -1262,6 +1272,8 @@ cdef class LaneSet:
             ln.next_ns = self.tables[self.table_cur]
             ln.max_transfer = qp.max_transfer
             ln.next_qid = qp.qid
+        elif cmd == CTL_NAMESPACES:
+            ln.next_ns = self.tables[self.table_cur]
         elif cmd == CTL_FAIL:
             # the controller could not be disabled: it may still write
             # into the buffers of what it had

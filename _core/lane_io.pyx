@@ -118,9 +118,12 @@ cdef void lane_serve(lane_t *ln, uint8_t *buf, size_t n, uint32_t home, uint32_t
         return
     ns = lane_ns_of(ln, r.nodeid)
     if ns == NULL:
-        # the root directory has nothing to flush; a namespace the last
-        # bring-up did not find is gone
-        r.err = 0 if r.nodeid == 1 and r.kind == K_FLUSH else EIO
+        # the root directory has nothing to flush; a namespace that went
+        # (detached, deleted, not found by a bring-up) answers EIO to data,
+        # but close() and fsync() of a file still open on it succeed: a
+        # detach or delete flushed it first (nvmefs/admin.py), every write
+        # after it failed, and a Flush has no namespace to go to
+        r.err = 0 if r.kind == K_FLUSH else EIO
         lane_finish(ln, slot)
         return
     r.nsid = ns.nsid

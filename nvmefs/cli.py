@@ -1,12 +1,19 @@
 """The ``nvmefs`` command: subcommands shaped like nvme-cli where they overlap."""
 import argparse
+import errno
 import json
 import logging
 import os
+import re
 import sys
 
 from nvmefs import __version__
+from nvmefs.admin import FEATURES
 from nvmefs.errors import UsageError, unwrap
+
+# the mount's root attributes (nvmefs/fusefs.py)
+STATS_XATTR = "user.nvmefs.stats"
+ADMIN_XATTR = "user.nvmefs.admin"
 
 SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
@@ -60,8 +67,13 @@ def kv_table(d):
 
 # -- commands that talk to a controller -------------------------------------------------
 
+class BusyImage(UsageError):
+    pass
+
+
 def with_controller(args, fn):
-    """Open the image's controller, run ``fn(ctrl)`` (async), shut down."""
+    """Open the image's (or device's) controller, run ``fn(ctrl)`` (async),
+    shut down."""
     import trio
 
     from nvmefs.controller import open_controller
@@ -80,7 +92,8 @@ def with_controller(args, fn):
         try:
             t = ModelTransport(image, create=False)
         except (OSError, ValueError) as exc:
-            raise UsageError(f"cannot open image {image}: {exc}") from None
+            cls = BusyImage if getattr(exc, "errno", None) == errno.EBUSY else UsageError
+            raise cls(f"cannot open image {image}: {exc}") from None
 
     async def main():
         async with open_controller(t, io_queues=1) as ctrl:
@@ -91,22 +104,100 @@ def with_controller(args, fn):
         t.close()
 
 
+def nvmefs_mounts():
+    """Mountpoints of running nvmefs mounts (/proc/self/mounts)."""
+    out = []
+    try:
+        with open("/proc/self/mounts") as f:
+            for line in f:
+                fields = line.split()
+                if len(fields) > 2 and fields[2] == "fuse.nvmefs":
+                    # octal escapes for blanks in the path (\040)
+                    out.append(re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[1]))
+    except OSError:
+        pass
+    return out
+
+
+def mount_serving(args):
+    """The mountpoint of the running mount whose controller is the one
+    ``args`` names (its image or device), or None."""
+    from nvmefs.image import default_image
+    if getattr(args, "device", None):
+        want = ("vfio", args.device.removeprefix("vfio:"))
+    else:
+        want = ("model", os.path.realpath(args.image or default_image()))
+    for mnt in nvmefs_mounts():
+        try:
+            name = json.loads(os.getxattr(mnt, STATS_XATTR))["transport"]
+        except (OSError, ValueError, KeyError):
+            continue
+        kind, _, where = name.partition(":")
+        where = where.removesuffix(" (raw)")
+        if (kind, os.path.realpath(where) if kind == "model" else where) == want:
+            return mnt
+    return None
+
+
+def via_mount(mountpoint, name, params, force=False):
+    """Hand admin verb ``name`` to the mount at ``mountpoint``; its result."""
+    if os.path.realpath(mountpoint) not in [os.path.realpath(m) for m in nvmefs_mounts()]:
+        # never set the attribute on whatever else is there
+        raise UsageError(f"{mountpoint} is not a running nvmefs mount")
+    req = json.dumps({"verb": name, "args": params, "force": force}).encode()
+    try:
+        os.setxattr(mountpoint, ADMIN_XATTR, req)
+        res = json.loads(os.getxattr(mountpoint, ADMIN_XATTR))
+    except OSError as exc:
+        if exc.errno == errno.EACCES:
+            raise UsageError(f"{mountpoint}: only the mount's owner or root may run admin commands "
+                             f"on it") from None
+        raise UsageError(f"{mountpoint} is not a running nvmefs mount ({exc.strerror})") from None
+    if not res["ok"]:
+        raise (UsageError if res.get("usage") else AdminError)(res["error"])
+    return res["result"]
+
+
+class AdminError(Exception):
+    """The mount ran the command and it failed (exit status 1)."""
+
+
+def run_verb(args, name, **params):
+    """Admin verb ``name`` (nvmefs/admin.py) on the controller ``args``
+    names: through the running mount that holds it (``--mount``, or the
+    mount found serving the image or device), else on a controller brought
+    up here for the command."""
+    from nvmefs.admin import VERBS
+    force = getattr(args, "force", False)
+    if getattr(args, "mount", None):
+        return via_mount(os.path.abspath(args.mount), name, params, force)
+    try:
+        return with_controller(args, lambda c: VERBS[name](c, **params))
+    except BusyImage as exc:
+        mnt = mount_serving(args)
+        if mnt is None:
+            raise UsageError(f"{exc} (not by a mount found in /proc/self/mounts: "
+                             f"pass --mount MOUNTPOINT)") from None
+        return via_mount(mnt, name, params, force)
+    except OSError as exc:
+        # a VFIO device held by a mount: its group is busy
+        if getattr(args, "device", None) and exc.errno == errno.EBUSY:
+            mnt = mount_serving(args)
+            if mnt is not None:
+                return via_mount(mnt, name, params, force)
+        raise
+
+
 def cmd_id_ctrl(args):
-    async def fn(c):
-        return c.id_ctrl
-    d = with_controller(args, fn)
+    d = run_verb(args, "id-ctrl")
     emit(args, d, lambda d: kv_table({k: (hex(v) if isinstance(v, int) and k in ("vid", "ssvid", "ver", "oacs",
-                                                                                  "oncs", "sgls") else v)
+                                                                                  "oaes", "oncs", "sgls") else v)
                                       for k, v in d.items()}))
     return 0
 
 
 def cmd_id_ns(args):
-    async def fn(c):
-        if args.namespace_id not in c.namespaces:
-            raise LookupError(f"namespace {args.namespace_id} does not exist (have {sorted(c.namespaces)})")
-        return c.namespaces[args.namespace_id].info
-    d = with_controller(args, fn)
+    d = run_verb(args, "id-ns", namespace_id=args.namespace_id)
     emit(args, d, lambda d: kv_table({**{k: v for k, v in d.items() if k != "lbafs"},
                                       **{f"lbaf {i}": f"ms:{f['ms']} lbads:{f['lbads']} rp:{f['rp']}"
                                          + (" (in use)" if i == d["format"] else "")
@@ -115,11 +206,7 @@ def cmd_id_ns(args):
 
 
 def cmd_list(args):
-    async def fn(c):
-        return [{"name": f"nvme0n{n}", "nsid": n, "lba_size": ns.lba_size, "lbas": ns.nlbas,
-                 "size": ns.size, "model": c.id_ctrl["mn"], "serial": c.id_ctrl["sn"]}
-                for n, ns in sorted(c.namespaces.items())]
-    rows = with_controller(args, fn)
+    rows = run_verb(args, "list")
 
     def table(rows):
         out = [f"{'Node':<10} {'SN':<16} {'Model':<28} {'Namespace':>9} {'Size':>12} {'Format':>8}"]
@@ -131,6 +218,14 @@ def cmd_list(args):
     return 0
 
 
+def cmd_list_ns(args):
+    rows = run_verb(args, "list-ns", all=args.all)
+    emit(args, rows, lambda rows: "\n".join(
+        f"[{i:>4}]:{r['nsid']:#x}  {human(r['size'])}, {r['lba_size']}-byte LBAs"
+        + ("" if r["attached"] else ", not attached") for i, r in enumerate(rows)) or "no namespaces")
+    return 0
+
+
 def human(n):
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if n < 1024 or unit == "TiB":
@@ -139,21 +234,11 @@ def human(n):
 
 
 def cmd_smart_log(args):
-    from nvmefs.logpages import parse_smart
-
-    async def fn(c):
-        return parse_smart(await c.get_log_page(0x02, 512))
-    emit(args, with_controller(args, fn), kv_table)
+    emit(args, run_verb(args, "smart-log"), kv_table)
     return 0
 
 
 def cmd_error_log(args):
-    from nvmefs.logpages import parse_error_log
-
-    async def fn(c):
-        n = (c.id_ctrl["elpe"] + 1)
-        return parse_error_log(await c.get_log_page(0x01, 64 * n))
-
     def table(rows):
         if not rows:
             return "no error log entries"
@@ -162,13 +247,8 @@ def cmd_error_log(args):
             out.append(f"{r['error_count']:>6} {r['sqid']:>5} {r['cid']:>6} {r['status_name']:<28} "
                        f"{r['lba']:>12} {r['nsid']:>5}")
         return "\n".join(out)
-    emit(args, with_controller(args, fn), table)
+    emit(args, run_verb(args, "error-log"), table)
     return 0
-
-
-FEATURES = {"arbitration": 0x01, "power-management": 0x02, "temperature-threshold": 0x04,
-            "volatile-write-cache": 0x06, "number-of-queues": 0x07, "interrupt-coalescing": 0x08,
-            "async-event-configuration": 0x0B}
 
 
 def cmd_get_feature(args):
@@ -177,40 +257,63 @@ def cmd_get_feature(args):
         try:
             fid = int(args.feature_id, 0)
         except ValueError:
-            raise ValueError(f"unknown feature {args.feature_id!r} (names: {', '.join(FEATURES)})") from None
-
-    async def fn(c):
-        return {"feature": fid, "value": await c.get_features(fid)}
-    emit(args, with_controller(args, fn), lambda d: f"get-feature:0x{d['feature']:02x}, "
-                                                    f"Current value:0x{d['value']:08x}")
+            raise UsageError(f"unknown feature {args.feature_id!r} (names: {', '.join(FEATURES)})") from None
+    emit(args, run_verb(args, "get-feature", feature_id=fid),
+         lambda d: f"get-feature:0x{d['feature']:02x}, Current value:0x{d['value']:08x}")
     return 0
 
 
 def cmd_format(args):
-    lbaf = {512: 0, 4096: 1}[args.lba_size]
-
-    async def fn(c):
-        from nvmefs.controller import ADM_FORMAT
-        from nvmefs.progress import Progress
-        import trio
-        ns = c.namespaces.get(args.namespace_id)
-        if ns is None:
-            raise LookupError(f"namespace {args.namespace_id} does not exist (have {sorted(c.namespaces)})")
-        label = (f"formatting nvme0n{args.namespace_id} ({human(ns.size)}) to {args.lba_size}-byte LBAs"
-                 + (" with user data erase" if args.erase else ""))
-        with Progress(label) as bar:
-            async with trio.open_nursery() as nursery:
-                async def tick():
-                    while True:
-                        await trio.sleep(0.2)
-                        bar.render()
-                nursery.start_soon(tick)
-                await c.admin(ADM_FORMAT, nsid=args.namespace_id,
-                              cdw10=lbaf | ((1 if args.erase else 0) << 9), timeout=600)
-                nursery.cancel_scope.cancel()
-        return {"namespace": args.namespace_id, "lba_size": args.lba_size, "erased": args.erase}
-    emit(args, with_controller(args, fn), lambda d: "format complete")
+    from nvmefs.progress import Progress
+    label = (f"formatting nvme0n{args.namespace_id} to {args.lba_size}-byte LBAs"
+             + (" with user data erase" if args.erase else ""))
+    import threading
+    done = threading.Event()
+    with Progress(label) as bar:
+        ticker = threading.Thread(target=lambda: [bar.render() for _ in iter(lambda: done.wait(0.2), True)],
+                                  daemon=True)
+        ticker.start()
+        try:
+            d = run_verb(args, "format", namespace_id=args.namespace_id, lba_size=args.lba_size,
+                         erase=args.erase)
+        finally:
+            done.set()
+            ticker.join()
+    emit(args, d, lambda d: "format complete")
     return 0
+
+
+def cmd_create_ns(args):
+    if args.nsze_si is not None:
+        if args.nsze is not None:
+            raise UsageError("give --nsze or --nsze-si, not both")
+        if args.nsze_si % args.block_size:
+            raise UsageError(f"--nsze-si {args.nsze_si} is not a multiple of the {args.block_size}-byte block")
+        args.nsze = args.nsze_si // args.block_size
+    if args.nsze is None:
+        raise UsageError("the namespace size is missing: --nsze BLOCKS or --nsze-si SIZE")
+    if args.nsze * args.block_size % 4096:
+        raise UsageError(f"{args.nsze} blocks of {args.block_size} bytes is not a whole number of "
+                         f"4 KiB blocks (a namespace can be formatted to either LBA size)")
+    d = run_verb(args, "create-ns", nsze=args.nsze, ncap=args.ncap, lba_size=args.block_size)
+    emit(args, d, lambda d: f"create-ns: Success, created nsid:{d['nsid']}")
+    return 0
+
+
+def cmd_delete_ns(args):
+    d = run_verb(args, "delete-ns", namespace_id=args.namespace_id)
+    emit(args, d, lambda d: f"delete-ns: Success, deleted nsid:{d['nsid']}")
+    return 0
+
+
+def cmd_attach_ns(args, verb="attach-ns"):
+    d = run_verb(args, verb, namespace_id=args.namespace_id, controllers=args.controllers)
+    emit(args, d, lambda d: f"{verb}: Success, nsid:{d['nsid']}")
+    return 0
+
+
+def cmd_detach_ns(args):
+    return cmd_attach_ns(args, "detach-ns")
 
 
 def cmd_create_image(args):
@@ -241,7 +344,7 @@ def cmd_create_image(args):
         print(f"created {args.image}: raw image of {human(args.size)} "
               f"({'preallocated' if args.preallocate else 'sparse'}){hint}")
         return 0
-    per = create_image(args.image, args.size, args.namespaces, args.lba_size)
+    per = create_image(args.image, args.size, args.namespaces, args.lba_size, args.capacity)
     if args.preallocate:
         from nvmefs.progress import Progress
         header = read_image_header(args.image)
@@ -260,14 +363,17 @@ def cmd_create_image(args):
         except OSError as exc:
             os.unlink(args.image)     # a half-allocated image is worse than none
             raise UsageError(f"cannot preallocate {args.image}: {exc.strerror}") from None
+    cap = read_image_header(args.image)["capacity"]
     print(f"created {args.image}: {args.namespaces} namespace(s) of {human(per)}, "
-          f"{args.lba_size}-byte LBAs ({'preallocated' if args.preallocate else 'sparse'})")
+          f"{args.lba_size}-byte LBAs ({'preallocated' if args.preallocate else 'sparse'})"
+          + (f", {human(cap - per * args.namespaces)} of {human(cap)} left for create-ns"
+             if cap > per * args.namespaces + (1 << 20) * args.namespaces else ""))
     return 0
 
 
 def cmd_stats(args):
     try:
-        raw = os.getxattr(args.mountpoint, "user.nvmefs.stats")
+        raw = os.getxattr(args.mountpoint, STATS_XATTR)
     except OSError as exc:
         raise UsageError(f"{args.mountpoint} is not a running nvmefs mount ({exc.strerror})") from None
     d = json.loads(raw)
@@ -353,9 +459,16 @@ def build_parser():
                        help="a PCIe NVMe controller bound to vfio-pci, e.g. vfio:0000:03:00.0 "
                             "(instead of the built-in controller on --image)")
 
-    def image_opt(p):
+    def image_opt(p, force=False):
         p.add_argument("--image", metavar="PATH", help="controller image (default: the default image)")
         device_opt(p)
+        p.add_argument("--mount", metavar="MOUNTPOINT",
+                       help="run it on the controller of the nvmefs mount at MOUNTPOINT (default: the "
+                            "running mount of --image or --device, if there is one)")
+        if force:
+            p.add_argument("--force", action="store_true",
+                           help="even if the namespace has files open in the mount (a mounted file "
+                                "system, a loop device)")
         p.add_argument("-o", "--output-format", dest="output", choices=("normal", "json"), default="normal",
                        help="output format")
         p.add_argument("--json", dest="output", action="store_const", const="json", help="same as -o json")
@@ -369,7 +482,11 @@ def build_parser():
                                                    "default ~/.local/share/nvmefs/nvme0.img)")
     p.add_argument("--size", type=parse_size, default=1 << 30, help="size of a new image (default 1G)")
     p.add_argument("--lba-size", type=int, choices=(512, 4096), default=512, help="LBA size of a new image")
-    p.add_argument("--namespaces", type=positive, default=1, metavar="N", help="namespaces in a new image")
+    p.add_argument("--namespaces", type=int_range(0, 16), default=1, metavar="N",
+                   help="namespaces in a new image, sharing --size (0: none, create them with create-ns)")
+    p.add_argument("--capacity", type=parse_size, default=None, metavar="SIZE",
+                   help="NVM capacity of a new image (default: --size); what the namespaces leave is "
+                        "room for create-ns")
     p.add_argument("--lanes", type=int_range(1, 1024), default=None, metavar="N",
                    help="lanes, each a thread on its own CPU with its own FUSE channel and NVMe queue pair "
                         "(default: one per CPU this process may run on)")
@@ -413,18 +530,59 @@ def build_parser():
     p.add_argument("-f", "--feature-id", required=True, help=f"number or name ({', '.join(FEATURES)})")
     p.set_defaults(func=cmd_get_feature)
     p = sub.add_parser("format", help="Format NVM (change LBA size, optionally erase)")
-    image_opt(p)
+    image_opt(p, force=True)
     p.add_argument("-n", "--namespace-id", type=positive, default=1)
     p.add_argument("--lba-size", type=int, choices=(512, 4096), required=True)
     p.add_argument("--erase", action="store_true", help="user data erase (all zeroes)")
     p.set_defaults(func=cmd_format)
+    p = sub.add_parser("list-ns", help="active namespace IDs (--all: every allocated one)")
+    image_opt(p)
+    p.add_argument("-a", "--all", action="store_true", help="allocated namespaces too, attached or not")
+    p.set_defaults(func=cmd_list_ns)
+    p = sub.add_parser("create-ns", help="Namespace Management: create a namespace (not attached)",
+                       description="Create a namespace in the controller's unallocated capacity; "
+                                   "attach it with attach-ns to see it.")
+    image_opt(p)
+    p.add_argument("-s", "--nsze", type=positive, default=None, metavar="BLOCKS", help="size in blocks")
+    p.add_argument("--nsze-si", type=parse_size, default=None, metavar="SIZE",
+                   help="size in bytes, with a unit (e.g. 512M), instead of --nsze")
+    p.add_argument("-c", "--ncap", type=positive, default=None, metavar="BLOCKS",
+                   help="capacity in blocks (default and only value supported: --nsze)")
+    p.add_argument("-b", "--block-size", type=int, choices=(512, 4096), default=512,
+                   help="LBA size (default 512)")
+    p.set_defaults(func=cmd_create_ns)
+    p = sub.add_parser("delete-ns", help="Namespace Management: delete a namespace and its data")
+    image_opt(p, force=True)
+    p.add_argument("-n", "--namespace-id", type=lambda t: int(t, 0), required=True,
+                   help="NSID (0xffffffff: all of them)")
+    p.set_defaults(func=cmd_delete_ns)
+
+    def controllers(text):
+        try:
+            ids = [int(x, 0) for x in text.split(",") if x.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a list of controller IDs: {text!r}") from None
+        if not ids or any(not 0 <= i <= 0xFFFF for i in ids):
+            raise argparse.ArgumentTypeError(f"not a list of controller IDs: {text!r}")
+        return ids
+    for name, fn, what in (("attach-ns", cmd_attach_ns, "attach a namespace to"),
+                           ("detach-ns", cmd_detach_ns, "detach a namespace from")):
+        p = sub.add_parser(name, help=f"Namespace Attachment: {what} the controller")
+        image_opt(p, force=name == "detach-ns")
+        p.add_argument("-n", "--namespace-id", type=positive, required=True)
+        p.add_argument("-c", "--controllers", type=controllers, default=None, metavar="ID,...",
+                       help="controller IDs (default: this controller)")
+        p.set_defaults(func=fn)
     p = sub.add_parser("create-image", help="create a sparse controller image")
     p.add_argument("image", metavar="PATH")
     p.add_argument("--raw", action="store_true",
                    help="a raw disk image (no header, one namespace over the whole file)")
     p.add_argument("--size", type=parse_size, default=1 << 30)
     p.add_argument("--lba-size", type=int, choices=(512, 4096), default=512)
-    p.add_argument("--namespaces", type=positive, default=1)
+    p.add_argument("--namespaces", type=int_range(0, 16), default=1,
+                   help="namespaces sharing --size (default 1; 0: none, create them with create-ns)")
+    p.add_argument("--capacity", type=parse_size, default=None, metavar="SIZE",
+                   help="NVM capacity (default: --size); what the namespaces leave is room for create-ns")
     p.add_argument("--preallocate", action="store_true",
                    help="allocate every block now (with a progress bar) instead of a sparse file")
     p.set_defaults(func=cmd_create_image)

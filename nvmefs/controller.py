@@ -13,12 +13,21 @@ its queues) before the controller is disabled, detach (give up what was in
 flight) after, and attach the new queues once it is back up; when the
 controller is gone for good it fails them.
 
+Namespaces can change under a running controller: Namespace Management or
+Attachment, Format NVM (the Commands Supported and Effects log says which
+commands change them), or an Asynchronous Event the controller posts
+(Namespace Attribute Changed, with the Changed Namespace List, log 04h).
+Each ends in rescan_namespaces(): Identify again, hand the owners the new
+table, tell the listeners (the mount adds and removes files).  One
+Asynchronous Event Request is kept outstanding per bring-up.
+
 Timeouts follow Linux's nvme_timeout recipe: a fatal controller status
 resets at once; otherwise the command is aborted once, and if it still
 does not complete (or the abort fails, or an admin command times out) the
 controller is reset and what was in flight is resubmitted.
 """
 import logging
+import math
 import struct
 from contextlib import asynccontextmanager
 
@@ -42,9 +51,13 @@ ADM_DELETE_SQ, ADM_CREATE_SQ, ADM_GET_LOG, ADM_DELETE_CQ, ADM_CREATE_CQ = 0x00, 
 ADM_IDENTIFY, ADM_ABORT, ADM_SET_FEATURES, ADM_GET_FEATURES, ADM_FORMAT = 0x06, 0x08, 0x09, 0x0A, 0x80
 # Commands Supported and Effects entry bits (log page 05h)
 EFFECTS_CSUPP, EFFECTS_LBCC, EFFECTS_NCC, EFFECTS_NIC = 1 << 0, 1 << 1, 1 << 2, 1 << 3
+ADM_AER, ADM_NS_MGMT, ADM_NS_ATTACH = 0x0C, 0x0D, 0x15
 ADM_DBBUF = 0x7C
-OACS_DBBUF = 1 << 8
-FEAT_VWC, FEAT_NUM_QUEUES = 0x06, 0x07
+OACS_DBBUF, OACS_NS_MGMT = 1 << 8, 1 << 3
+OAES_NS_ATTR = 1 << 8
+FEAT_VWC, FEAT_NUM_QUEUES, FEAT_ASYNC_EVENT = 0x06, 0x07, 0x0B
+AEN_NOTICE, AEN_NS_ATTR_CHANGED = 2, 0x00
+LOG_CHANGED_NS = 0x04
 
 
 def _cstr(raw):
@@ -57,11 +70,14 @@ def parse_identify_controller(raw):
     return {
         "vid": vid, "ssvid": ssvid, "sn": _cstr(raw[4:24]), "mn": _cstr(raw[24:64]),
         "fr": _cstr(raw[64:72]), "mdts": raw[77], "cntlid": struct.unpack_from("<H", raw, 78)[0],
-        "ver": struct.unpack_from("<I", raw, 80)[0], "oacs": struct.unpack_from("<H", raw, 256)[0],
+        "ver": struct.unpack_from("<I", raw, 80)[0], "oaes": struct.unpack_from("<I", raw, 92)[0],
+        "oacs": struct.unpack_from("<H", raw, 256)[0],
         "aerl": raw[259], "lpa": raw[261], "elpe": raw[262], "sqes": raw[512], "cqes": raw[513],
         "maxcmd": struct.unpack_from("<H", raw, 514)[0], "nn": struct.unpack_from("<I", raw, 516)[0],
         "oncs": oncs, "vwc": raw[525], "sgls": struct.unpack_from("<I", raw, 536)[0],
         "subnqn": _cstr(raw[768:1024]),
+        # NVM capacity and what namespace management has not allocated (bytes; 128-bit fields)
+        "tnvmcap": int.from_bytes(raw[280:296], "little"), "unvmcap": int.from_bytes(raw[296:312], "little"),
         # Command Retry Delay Times, 100 ms units (a status's CRD picks one)
         "crdt": struct.unpack_from("<HHH", raw, 134),
     }
@@ -126,6 +142,12 @@ class Controller:
         self._idbuf = None
         self.errors_by_status = {}
         self.effects = {}           # admin opcode -> Commands Supported and Effects entry
+        # called as fn(before, after) after each rescan, with {nsid: (size, lba_size)}
+        self.namespace_listeners = []
+        self._rescan_lock = trio.Lock()
+        self._id_lock = trio.Lock()
+        self.async_events = 0       # Asynchronous Event completions taken
+        self.rescans = 0
 
     # -- registers ---------------------------------------------------------------
 
@@ -212,10 +234,13 @@ class Controller:
 
         self.effects = await self._command_effects()
         await self._identify_namespaces()
+        aen = await self._enable_async_events()
         self.generation += 1
         for owner, mine in plan:
             await owner.attach(self, mine)
         self.ready.set()
+        if aen:
+            self.nursery.start_soon(self._async_events, self.generation)
 
     @property
     def io_qs(self):
@@ -310,19 +335,19 @@ class Controller:
         res = await self.execute(self.admin_q, opcode, **cmd)
         if self.effects.get(opcode, 0) & (EFFECTS_NCC | EFFECTS_NIC) and self.ready.is_set():
             # the namespaces may have changed (an LBA size, their number):
-            # read them again and give the queue owners the new table
-            await self._identify_namespaces()
-            for owner in self.owners:
-                changed = getattr(owner, "namespaces_changed", None)
-                if changed is not None:
-                    changed(self)
+            # read them again now, as Linux's nvme_passthru_end does, rather
+            # than when (or whether) an event says so
+            await self.rescan_namespaces(f"after {opcode_name(opcode, admin=True)}")
         return res
 
     async def identify(self, cns, nsid=0, csi=0):
-        buf = self._idbuf
-        await self.admin(ADM_IDENTIFY, nsid=nsid, cdw10=cns, cdw11=csi << 24, segments=[(buf.iova, 4096)],
-                         is_read=True)
-        return bytes(memoryview(buf))
+        # one buffer, so one Identify at a time (a rescan and an admin
+        # request may both be reading)
+        async with self._id_lock:
+            buf = self._idbuf
+            await self.admin(ADM_IDENTIFY, nsid=nsid, cdw10=cns, cdw11=csi << 24,
+                             segments=[(buf.iova, 4096)], is_read=True)
+            return bytes(memoryview(buf))
 
     async def _identify_namespaces(self):
         nsids = struct.unpack("<1024I", await self.identify(2))
@@ -339,6 +364,126 @@ class Controller:
             seen.add(nsid)
         for gone in set(self.namespaces) - seen:
             del self.namespaces[gone]
+
+    async def rescan_namespaces(self, reason):
+        """Identify the active namespaces again; the queue owners switch to
+        the new table and the listeners hear what came, went or changed.
+        A reset in the middle ends it (the bring-up identifies them anyway)."""
+        async with self._rescan_lock:
+            if self.closed or not self.ready.is_set():
+                return
+            gen = self.generation
+            before = {n: (ns.size, ns.lba_size) for n, ns in self.namespaces.items()}
+            try:
+                await self._identify_namespaces()
+                if gen != self.generation:
+                    return
+                for owner in self.owners:
+                    changed = getattr(owner, "namespaces_changed", None)
+                    if changed is not None:
+                        await changed(self)
+            except (ControllerReset, ControllerError) as exc:
+                log.info("%s: namespace rescan (%s) cut short: %s", self.transport.name, reason, exc)
+                return
+            self.rescans += 1
+            after = {n: (ns.size, ns.lba_size) for n, ns in self.namespaces.items()}
+            if after != before:
+                log.info("%s: namespaces %s -> %s (%s)", self.transport.name, sorted(before),
+                         sorted(after), reason)
+            for fn in self.namespace_listeners:
+                fn(before, after)
+
+    async def _enable_async_events(self):
+        """Asynchronous Event Configuration: namespace attribute notices where
+        the controller offers them (OAES bit 8).  Error events need no
+        enabling.  False if the controller takes no event requests."""
+        if self.id_ctrl.get("oaes", 0) & OAES_NS_ATTR:
+            try:
+                await self.admin(ADM_SET_FEATURES, cdw10=FEAT_ASYNC_EVENT, cdw11=OAES_NS_ATTR)
+            except NvmeError as exc:
+                log.info("%s: namespace attribute notices not enabled (%s)", self.transport.name, exc.name)
+        return True
+
+    async def _async_events(self, generation):
+        """One Asynchronous Event Request outstanding for this bring-up (it
+        has no deadline: it completes only when something happens).  Each
+        event's log page is read with RAE clear, which is what lets the
+        controller post the next event of its type."""
+        name = self.transport.name
+        while not self.closed and generation == self.generation:
+            try:
+                dw0, _ = await self.execute(self.admin_q, ADM_AER, timeout=math.inf)
+            except (ControllerReset, ControllerError):
+                return                      # a reset re-arms it; a shutdown ends it
+            except NvmeError as exc:
+                log.warning("%s: asynchronous event request refused (%s): no events", name, exc.name)
+                return
+            self.async_events += 1
+            typ, info, lid = dw0 & 7, (dw0 >> 8) & 0xFF, (dw0 >> 16) & 0xFF
+            try:
+                if typ == AEN_NOTICE and info == AEN_NS_ATTR_CHANGED:
+                    raw = await self.get_log_page(LOG_CHANGED_NS, 4096)
+                    listed = [n for n in struct.unpack("<1024I", raw) if n]
+                    await self.rescan_namespaces(f"namespace attribute changed: {listed}")
+                else:
+                    if lid:
+                        await self.get_log_page(lid, 64 if lid == 0x01 else 512)
+                    log.warning("%s: asynchronous event type %d info 0x%02x (log page %02Xh)",
+                                name, typ, info, lid)
+            except (ControllerReset, ControllerError):
+                return
+            except NvmeError as exc:
+                log.warning("%s: reading the log page of an asynchronous event failed: %s", name, exc)
+
+    # -- namespace management (Namespace Management 0Dh, Attachment 15h) ---------
+
+    def _need_ns_mgmt(self):
+        if not self.id_ctrl.get("oacs", 0) & OACS_NS_MGMT:
+            raise ControllerError(f"{self.transport.name}: the controller does not support namespace "
+                                  f"management (OACS bit 3 is clear)")
+
+    async def _admin_data(self, opcode, data, **cmd):
+        """An admin command that sends ``data`` (at most 4 KiB) to the controller."""
+        buf = self.transport.arena.alloc(4096)
+        try:
+            memoryview(buf)[:] = bytes(data).ljust(4096, b"\0")
+            return await self.admin(opcode, segments=[(buf.iova, 4096)], is_read=False, **cmd)
+        finally:
+            buf.free()
+
+    async def create_namespace(self, nsze, ncap=None, flbas=0):
+        """Namespace Management create: ``nsze`` blocks of LBA format
+        ``flbas``, not attached.  Returns the new NSID."""
+        self._need_ns_mgmt()
+        data = bytearray(4096)
+        struct.pack_into("<QQ", data, 0, nsze, nsze if ncap is None else ncap)
+        data[26] = flbas
+        dw0, _ = await self._admin_data(ADM_NS_MGMT, data, cdw10=0)
+        return dw0
+
+    async def delete_namespace(self, nsid):
+        self._need_ns_mgmt()
+        await self.admin(ADM_NS_MGMT, nsid=nsid, cdw10=1)
+
+    async def attach_namespace(self, nsid, controllers=None, detach=False):
+        """Namespace Attachment: attach ``nsid`` to (or detach it from) the
+        controllers listed (default: this one)."""
+        self._need_ns_mgmt()
+        ids = list(controllers) if controllers else [self.id_ctrl["cntlid"]]
+        data = struct.pack(f"<H{len(ids)}H", len(ids), *ids)
+        await self._admin_data(ADM_NS_ATTACH, data, nsid=nsid, cdw10=1 if detach else 0)
+
+    async def allocated_namespaces(self):
+        """{nsid: Identify Namespace (CNS 11h)} of every allocated namespace,
+        attached or not (CNS 10h)."""
+        self._need_ns_mgmt()
+        ids = struct.unpack("<1024I", await self.identify(0x10))
+        out = {}
+        for nsid in ids:
+            if nsid == 0:
+                break
+            out[nsid] = parse_identify_namespace(await self.identify(0x11, nsid))
+        return out
 
     async def _command_effects(self):
         """Commands Supported and Effects (log page 05h, when LPA bit 1 says
@@ -592,7 +737,7 @@ class Controller:
         # generation: one more each time the controller is brought up (a
         # reset has finished when it moves)
         return {"transport": self.transport.name, "resets": self.resets, "generation": self.generation,
-                "ready": self.ready.is_set(),
+                "ready": self.ready.is_set(), "async_events": self.async_events, "rescans": self.rescans,
                 "errors_by_status": dict(self.errors_by_status),
                 "queues": [q.stats() for q in self._all_queues()]}
 

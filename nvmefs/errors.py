@@ -34,6 +34,8 @@ ADMIN_OPCODES = {
     0x09: "Set Features",
     0x0A: "Get Features",
     0x0C: "Async Event Request",
+    0x0D: "Namespace Management",
+    0x15: "Namespace Attachment",
     0x7C: "Doorbell Buffer Config",
     0x80: "Format NVM",
 }

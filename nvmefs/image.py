@@ -11,12 +11,27 @@ def default_image():
     return os.path.join(base, "nvmefs", "nvme0.img")
 
 
-def create_image(path, size, namespaces, lba_size):
+def create_image(path, size, namespaces, lba_size, capacity=None):
     """A new sparse image of ``namespaces`` equal namespaces sharing ``size``
-    bytes; returns the bytes per namespace."""
+    bytes, with ``capacity`` bytes of NVM in all (default: what they take;
+    with no namespaces, ``size``); returns the bytes per namespace."""
     from nvmefs._model import create_image as create
-    per = size // namespaces // lba_size * lba_size
-    create(path, tuple((per, lba_size) for _ in range(namespaces)))
+    if capacity is not None and capacity < size:
+        raise UsageError(f"capacity {capacity} is smaller than the namespaces' size {size}")
+    if namespaces == 0:
+        capacity = capacity or size
+        per = 0
+    else:
+        # whole 4 KiB blocks, so that Format NVM can switch either way
+        per = size // namespaces // 4096 * 4096
+        if per == 0:
+            raise UsageError(f"size {size} is too small for {namespaces} namespaces")
+    if capacity is not None and capacity % 4096:
+        raise UsageError(f"capacity {capacity} is not a multiple of 4096")
+    try:
+        create(path, tuple((per, lba_size) for _ in range(namespaces)), capacity=capacity)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
     return per
 
 

@@ -6,8 +6,9 @@ and its own NVMe I/O queue pair, serving READ, WRITE, FALLOCATE, FLUSH and
 FSYNC in C without the GIL.  trio talks to the lanes only by message:
 
 - the mailbox (LaneSet.post): attach a queue pair, quiesce before a reset
-  disables the controller, fail when it is gone, stop at unmount; each
-  acknowledged by the lane;
+  disables the controller, switch to a new namespace table (a namespace
+  came, went or was formatted), fail when it is gone, stop at unmount; each
+  acknowledged by every lane before the next is posted;
 - the event ring (LaneSet.events), drained here: failed commands with their
   decoded status (logged, counted by status name), retries, timeouts (the
   controller's abort-then-reset recipe), and each lane's end.
@@ -80,6 +81,10 @@ class Lanes:
         self.recent = []
         self.counts = {"errors": 0, "retries": 0, "timeouts": 0}
         self._log_window = (0.0, 0, 0)      # (start, lines, suppressed)
+        # one mailbox command at a time (a reset's and a namespace rescan's
+        # may overlap), and a namespace table is rewritten only once every
+        # lane has left it
+        self._mailbox = trio.Lock()
 
     @property
     def count(self):
@@ -109,15 +114,15 @@ class Lanes:
             await self.fail()
             raise ControllerError(f"the controller now grants {len(queues)} I/O queues for "
                                   f"{self.set.count} lanes")
-        self.set.set_namespaces(self._namespace_table(ctrl))
         self.queues = queues
-        await self._all("attach", queues=queues, gen=ctrl.generation)
+        await self._all("attach", queues=queues, gen=ctrl.generation, table=self._namespace_table(ctrl))
 
-    def namespaces_changed(self, ctrl):
-        """After Format NVM (or any command whose effects change namespaces):
-        the lanes take the new LBA sizes and counts."""
+    async def namespaces_changed(self, ctrl):
+        """A namespace came or went (Namespace Management, Attachment, an
+        event), or Format NVM changed an LBA size: the lanes switch to the new
+        table now, on the queues they have."""
         if self.set is not None:
-            self.set.set_namespaces(self._namespace_table(ctrl))
+            await self._all("namespaces", table=self._namespace_table(ctrl))
 
     async def quiesce(self):
         if self.set is not None and self.queues:
@@ -145,9 +150,16 @@ class Lanes:
             table.append((nsid, ns.lba_size, ns.nlbas, lim))
         return table
 
-    async def _all(self, what, queues=None, gen=0, dma_unsafe=False):
+    async def _all(self, what, queues=None, gen=0, dma_unsafe=False, table=None):
         """One mailbox command to every lane, and wait for every one's
-        acknowledgement (the lanes answer within a loop turn)."""
+        acknowledgement (the lanes answer within a loop turn); ``table``: the
+        namespace table the command hands them."""
+        async with self._mailbox:
+            if table is not None:
+                self.set.set_namespaces(table)
+            await self._post_all(what, queues, gen, dma_unsafe)
+
+    async def _post_all(self, what, queues, gen, dma_unsafe):
         seqs = []
         for i in range(self.set.count):
             if self.started and not self.set.running(i) and what != "attach":

@@ -191,9 +191,10 @@ def run_mount(args):
     if args.background and not args.ready_fd:
         return spawn_background(args)
     if create:
-        per = create_image(image, args.size, args.namespaces, args.lba_size)
+        per = create_image(image, args.size, args.namespaces, args.lba_size, args.capacity)
         print(f"nvmefs: created sparse image {image} ({args.namespaces} x {per} bytes, "
-              f"{args.lba_size}-byte LBAs)", flush=True)
+              f"{args.lba_size}-byte LBAs" + (f", capacity {args.capacity} bytes" if args.capacity else "")
+              + ")", flush=True)
     from nvmefs.transport import ModelTransport
     try:
         transport = ModelTransport(image, create=False, sgl=args.sgl, vwc=args.write_cache == "on",
