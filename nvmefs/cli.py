@@ -68,7 +68,7 @@ def kv_table(d):
 # -- commands that talk to a controller -------------------------------------------------
 
 class BusyImage(UsageError):
-    pass
+    """The image or device is held by another controller (a mount's, mostly)."""
 
 
 def with_controller(args, fn):
@@ -85,7 +85,9 @@ def with_controller(args, fn):
         try:
             t = open_transport(args.device)
         except (OSError, ValueError) as exc:
-            raise UsageError(f"cannot open device {args.device}: {exc}") from None
+            # held by another process (a mount's controller), not merely unbound or not viable
+            held = getattr(exc, "errno", None) == errno.EBUSY and "in use" in str(exc)
+            raise (BusyImage if held else UsageError)(f"cannot open device {args.device}: {exc}") from None
     else:
         image = args.image or default_image()
         check_image(image, 0, 512, create=False)
@@ -179,13 +181,6 @@ def run_verb(args, name, **params):
             raise UsageError(f"{exc} (not by a mount found in /proc/self/mounts: "
                              f"pass --mount MOUNTPOINT)") from None
         return via_mount(mnt, name, params, force)
-    except OSError as exc:
-        # a VFIO device held by a mount: its group is busy
-        if getattr(args, "device", None) and exc.errno == errno.EBUSY:
-            mnt = mount_serving(args)
-            if mnt is not None:
-                return via_mount(mnt, name, params, force)
-        raise
 
 
 def cmd_id_ctrl(args):

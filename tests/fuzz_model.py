@@ -66,52 +66,21 @@ def allowed(admin, opc):
     return {(0, 0x01), (0, 0x0B), (0, 0x02)}
 
 
-class Fuzzer:
-    def __init__(self, seed):
-        self.rnd = random.Random(seed)
-        self.arena = _core.DmaArena(64 << 20)
-        self.regs = _core.RegisterFile(_model.model_regs_size(8, 0))
-        self.model = _model.ControllerModel(self.arena, self.regs, namespaces=((NS_BYTES, 512), (NS_BYTES, 512)),
-                                            max_io_queues=8)
-        self.model.start()
-        self.h = Host(self.model, self.arena, self.regs)
-        self.h.enable()
-        self.h.create_io(IO_QID_RAW, entries=ENTRIES)
-        # the driver's queue pair on qid 2
-        self.qp = _core.QueuePair(self.arena, self.regs, IO_QID_DRV, ENTRIES)
-        c = self.h.admin(0x05, cdw10=((ENTRIES - 1) << 16) | IO_QID_DRV, cdw11=(IO_QID_DRV << 16) | 1,
-                         prp1=self.qp.cq_iova)
-        assert c.status == 0, c
-        c = self.h.admin(0x01, cdw10=((ENTRIES - 1) << 16) | IO_QID_DRV, cdw11=(IO_QID_DRV << 16) | 1,
-                         prp1=self.qp.sq_iova)
-        assert c.status == 0, c
-        # data buffers the commands may point into, list pages, a sentinel
-        self.data = self.h.alloc(64 * PAGE)
-        self.lists = self.h.alloc(8 * PAGE)
-        self.sentinel = self.h.alloc(16 * PAGE)
-        self.sentinel_bytes = os.urandom(16 * PAGE)
-        self.arena.write(self.sentinel.iova, self.sentinel_bytes)
-        self.guard = bytes(self.rnd.getrandbits(8) for _ in range(4096)) * (NS_BYTES // 4096)
-        self._write_guard()
-        self.hist = collections.Counter()
-        self.commands = 0
-        self.aers = 0
+class Commands:
+    """The fuzzer's random submission queue entries, apart from any target:
+    ``arena`` needs only ``iova_base``, ``size`` and ``write()`` (the list
+    pages are written through it), so the vfio lab can record what one
+    seeded sequence writes and replay it on two controllers
+    (tests/guest/fuzz_diff.py).  ``data_iova``: 64 pages the data pointers
+    aim at; ``lists_iova``: 8 pages of PRP lists and SGL segments;
+    ``ns_lbas``: namespace 1's size, for the LBAs at and past its end."""
 
-    def close(self):
-        self.model.stop()
-
-    def _write_guard(self):
-        step = 64 * PAGE
-        for off in range(0, NS_BYTES, step):
-            self.arena.write(self.data.iova, self.guard[off:off + step])
-            kw = dict(nsid=GUARD_NSID, cdw10=off // 512, cdw12=step // 512 - 1)
-            kw["prp1"], kw["prp2"] = self.h.prps(self.data.iova, step)
-            assert self.h.io(0x01, IO_QID_RAW, **kw).status == 0
-
-    # -- random pieces -------------------------------------------------------------
+    def __init__(self, rnd, arena, data_iova, lists_iova, ns_lbas=NS_BYTES // 512):
+        self.rnd, self.arena = rnd, arena
+        self.data_iova, self.lists_iova, self.ns_lbas = data_iova, lists_iova, ns_lbas
 
     def addr(self):
-        r, d = self.rnd, self.data.iova
+        r, d = self.rnd, self.data_iova
         k = r.randrange(10)
         if k < 5:
             return d + r.randrange(64) * PAGE                    # a page of the data buffer
@@ -129,11 +98,11 @@ class Fuzzer:
         """A PRP list page in the list buffer: data pages, bad entries, or
         a chain pointer back into the list itself (a loop)."""
         r = self.rnd
-        page = self.lists.iova + r.randrange(8) * PAGE
+        page = self.lists_iova + r.randrange(8) * PAGE
         n = PAGE // 8
-        ents = [self.addr() if r.random() < 0.1 else self.data.iova + r.randrange(64) * PAGE for _ in range(n)]
+        ents = [self.addr() if r.random() < 0.1 else self.data_iova + r.randrange(64) * PAGE for _ in range(n)]
         if r.random() < 0.3:
-            ents[-1] = self.lists.iova + r.randrange(8) * PAGE + r.choice((0, 0, 8, 4))   # chain / loop
+            ents[-1] = self.lists_iova + r.randrange(8) * PAGE + r.choice((0, 0, 8, 4))   # chain / loop
         self.arena.write(page, struct.pack(f"<{n}Q", *ents))
         return page + (r.randrange(n) * 8 if r.random() < 0.3 else 0)
 
@@ -146,11 +115,11 @@ class Fuzzer:
             t = r.choice((0, 0, 0, 1, 2, 3, 4, 5, 0xF))
             if t in (2, 3):
                 length = r.choice((16, 32, 64, 4096, r.randrange(1 << 16)))
-                return sgl_desc(self.lists.iova + r.randrange(8) * PAGE + r.choice((0, 16, 3)), length, t)
+                return sgl_desc(self.lists_iova + r.randrange(8) * PAGE + r.choice((0, 16, 3)), length, t)
             return sgl_desc(self.addr(), r.choice((512, 4096, r.randrange(1 << 20), 0)), t,
                             r.choice((0, 0, 1, 0xA)))
         for p in range(r.randrange(1, 4)):
-            page = self.lists.iova + r.randrange(8) * PAGE
+            page = self.lists_iova + r.randrange(8) * PAGE
             self.arena.write(page, b"".join(desc() for _ in range(r.randrange(1, 16))))
         return desc()
 
@@ -179,7 +148,7 @@ class Fuzzer:
         r = self.rnd
         opc = r.choice(IO_OPCODES) if r.random() < 0.9 else r.randrange(256)
         kw = dict(nsid=self.nsid(opc, False))
-        slba = r.choice((0, r.randrange(NS_BYTES // 512), NS_BYTES // 512 - 1, NS_BYTES // 512, r.getrandbits(64)))
+        slba = r.choice((0, r.randrange(self.ns_lbas), self.ns_lbas - 1, self.ns_lbas, r.getrandbits(64)))
         kw["cdw10"], kw["cdw11"] = slba & 0xFFFFFFFF, slba >> 32
         kw["cdw12"] = r.choice((0, 7, r.randrange(64), r.randrange(1 << 16))) | (r.getrandbits(16) << 16
                                                                                if r.random() < 0.2 else 0)
@@ -205,7 +174,7 @@ class Fuzzer:
             qid = r.choice((0, 3, 4, 8, 9, 0xFFFF, r.randrange(1 << 16)))
             kw["cdw10"] = (r.choice((0, 1, 15, 63, 0xFFFF)) << 16) | qid
             kw["cdw11"] = (r.choice((0, IO_QID_RAW, 3, 9, r.randrange(1 << 16))) << 16) | r.randrange(8)
-            kw["prp1"] = r.choice((self.data.iova + r.randrange(64) * PAGE, self.addr()))
+            kw["prp1"] = r.choice((self.data_iova + r.randrange(64) * PAGE, self.addr()))
         elif opc == 0x06:
             kw["cdw10"] = r.choice((0, 1, 2, 3, 5, 6, 7, 8, r.randrange(256)))
             self.dptr(kw)
@@ -229,6 +198,50 @@ class Fuzzer:
             if r.random() < 0.5:
                 self.dptr(kw)
         return opc, kw
+
+
+class Fuzzer(Commands):
+    def __init__(self, seed):
+        self.rnd = random.Random(seed)
+        self.arena = _core.DmaArena(64 << 20)
+        self.regs = _core.RegisterFile(_model.model_regs_size(8, 0))
+        self.model = _model.ControllerModel(self.arena, self.regs, namespaces=((NS_BYTES, 512), (NS_BYTES, 512)),
+                                            max_io_queues=8)
+        self.model.start()
+        self.h = Host(self.model, self.arena, self.regs)
+        self.h.enable()
+        self.h.create_io(IO_QID_RAW, entries=ENTRIES)
+        # the driver's queue pair on qid 2
+        self.qp = _core.QueuePair(self.arena, self.regs, IO_QID_DRV, ENTRIES)
+        c = self.h.admin(0x05, cdw10=((ENTRIES - 1) << 16) | IO_QID_DRV, cdw11=(IO_QID_DRV << 16) | 1,
+                         prp1=self.qp.cq_iova)
+        assert c.status == 0, c
+        c = self.h.admin(0x01, cdw10=((ENTRIES - 1) << 16) | IO_QID_DRV, cdw11=(IO_QID_DRV << 16) | 1,
+                         prp1=self.qp.sq_iova)
+        assert c.status == 0, c
+        # data buffers the commands may point into, list pages, a sentinel
+        self.data = self.h.alloc(64 * PAGE)
+        self.lists = self.h.alloc(8 * PAGE)
+        self.sentinel = self.h.alloc(16 * PAGE)
+        Commands.__init__(self, self.rnd, self.arena, self.data.iova, self.lists.iova)
+        self.sentinel_bytes = os.urandom(16 * PAGE)
+        self.arena.write(self.sentinel.iova, self.sentinel_bytes)
+        self.guard = bytes(self.rnd.getrandbits(8) for _ in range(4096)) * (NS_BYTES // 4096)
+        self._write_guard()
+        self.hist = collections.Counter()
+        self.commands = 0
+        self.aers = 0
+
+    def close(self):
+        self.model.stop()
+
+    def _write_guard(self):
+        step = 64 * PAGE
+        for off in range(0, NS_BYTES, step):
+            self.arena.write(self.data.iova, self.guard[off:off + step])
+            kw = dict(nsid=GUARD_NSID, cdw10=off // 512, cdw12=step // 512 - 1)
+            kw["prp1"], kw["prp2"] = self.h.prps(self.data.iova, step)
+            assert self.h.io(0x01, IO_QID_RAW, **kw).status == 0
 
     # -- running -----------------------------------------------------------------
 
