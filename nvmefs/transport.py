@@ -63,7 +63,7 @@ class ModelTransport(Transport):
                 fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 os.close(self._lock_fd)
-                raise OSError(errno.EBUSY, f"image is in use by another nvmefs process") from None
+                raise OSError(errno.EBUSY, "image is in use by another nvmefs process") from None
         if namespaces is None and (image is None or create and not os.path.exists(image)):
             namespaces = ((1 << 30, 512),)
         if namespaces is not None:
