@@ -20,9 +20,15 @@ cdef enum:
     ADM_DBBUF = 0x7C
     ADM_FORMAT = 0x80
 
+    FID_ARBITRATION = 0x01
+    FID_POWER = 0x02
+    FID_TEMP_THRESHOLD = 0x04
+    FID_ERROR_RECOVERY = 0x05
     FID_VWC = 0x06
     FID_NUM_QUEUES = 0x07
     FID_IRQ_COALESCING = 0x08
+    FID_IV_CONFIG = 0x09
+    FID_WRITE_ATOMICITY = 0x0A
     FID_ASYNC_EVENT = 0x0B
 
     MDL_VID = 0xFFFE          # not a registered PCI vendor: a software device
@@ -424,6 +430,8 @@ cdef int mdl_get_log(mdl_ctrl *c, mdl_cmdctx *x) noexcept nogil:
     cdef uint8_t *b = c.abuf
     if off & 3:
         return MST_INVALID_FIELD | MST_DNR
+    if c.mdts and length > (<uint64_t>MDL_PAGE << c.mdts):
+        return MST_INVALID_FIELD | MST_DNR      # MDTS bounds every data transfer
     if lid == 0x01:
         size = MDL_ERRLOG_ENTRIES * 64
         for i in range(<uint32_t>MDL_ERRLOG_ENTRIES):
@@ -480,10 +488,59 @@ cdef bint mdl_io_queues_exist(mdl_ctrl *c) noexcept nogil:
 
 @cython.linetrace(False)
 @cython.profile(False)
+cdef inline bint mdl_feature_known(uint32_t fid) noexcept nogil:
+    # the mandatory features of NVMe 1.4 (Figure 271) and the optional ones served
+    return (fid == FID_ARBITRATION or fid == FID_POWER or fid == FID_TEMP_THRESHOLD
+            or fid == FID_ERROR_RECOVERY or fid == FID_VWC or fid == FID_NUM_QUEUES
+            or fid == FID_IRQ_COALESCING or fid == FID_IV_CONFIG or fid == FID_WRITE_ATOMICITY
+            or fid == FID_ASYNC_EVENT)
+
+
+@cython.linetrace(False)
+@cython.profile(False)
+cdef int mdl_feature_scope(mdl_ctrl *c, uint32_t fid, uint32_t nsid, bint setting) noexcept nogil:
+    """The NSID check of Get/Set Features: only Error Recovery is per
+    namespace here (an active NSID, or FFFFFFFFh to set every namespace, as
+    QEMU takes it); a Set of any other feature names no namespace (Feature
+    Not Namespace Specific is a Set Features status; a Get ignores it)."""
+    if fid != FID_ERROR_RECOVERY:
+        if setting and nsid != 0 and nsid != MDL_NSID_ALL:
+            return MST_FEAT_NOT_NS | MST_DNR
+        return 0
+    if nsid == MDL_NSID_ALL:
+        return 0 if setting else MST_INVALID_FIELD | MST_DNR
+    if not mdl_nsid_valid(c, nsid):
+        return MST_INVALID_NS | MST_DNR
+    if not mdl_nsid_ok(c, nsid):
+        return MST_INVALID_FIELD | MST_DNR
+    return 0
+
+
+@cython.linetrace(False)
+@cython.profile(False)
+cdef int mdl_temp_select(uint32_t dw11, bint *under) noexcept nogil:
+    """Temperature Threshold's TMPSEL/THSEL: the composite temperature (0h,
+    or Fh: every sensor there is) over or under."""
+    cdef uint32_t tmpsel = (dw11 >> 16) & 0xF, thsel = (dw11 >> 20) & 3
+    if (tmpsel != 0 and tmpsel != 0xF) or thsel > 1:
+        return MST_INVALID_FIELD | MST_DNR
+    under[0] = thsel == 1
+    return 0
+
+
+@cython.linetrace(False)
+@cython.profile(False)
 cdef int mdl_set_features(mdl_ctrl *c, mdl_cmdctx *x) noexcept nogil:
-    cdef uint32_t fid = x.cmd.cdw10 & 0xFF, dw11 = x.cmd.cdw11
+    cdef uint32_t fid = x.cmd.cdw10 & 0xFF, dw11 = x.cmd.cdw11, i, iv
+    cdef bint under
+    cdef int st
     if x.cmd.cdw10 >> 31:
         return MST_NOT_SAVEABLE | MST_DNR
+    if not mdl_feature_known(fid):
+        return MST_INVALID_FIELD | MST_DNR
+    st = mdl_feature_scope(c, fid, x.cmd.nsid, True)
+    if st:
+        return st
     if fid == FID_NUM_QUEUES:
         if (dw11 & 0xFFFF) == 0xFFFF or (dw11 >> 16) == 0xFFFF:
             return MST_INVALID_FIELD | MST_DNR
@@ -500,21 +557,53 @@ cdef int mdl_set_features(mdl_ctrl *c, mdl_cmdctx *x) noexcept nogil:
         c.coalescing = dw11 & 0xFFFF
     elif fid == FID_ASYNC_EVENT:
         c.aec = dw11
+    elif fid == FID_ARBITRATION:
+        c.arbitration = dw11            # round robin only (CAP.AMS 0): weights are kept, not used
+    elif fid == FID_POWER:
+        if dw11 & 0x1F:
+            return MST_INVALID_FIELD | MST_DNR   # power state above NPSS (one state, 0)
+        c.power_state = dw11 & 0xFF
+    elif fid == FID_TEMP_THRESHOLD:
+        st = mdl_temp_select(dw11, &under)
+        if st:
+            return st
+        if under:
+            c.temp_under = dw11 & 0xFFFF
+        else:
+            c.temp_over = dw11 & 0xFFFF
+    elif fid == FID_ERROR_RECOVERY:
+        if dw11 & (1 << 16):
+            return MST_INVALID_FIELD | MST_DNR   # DULBE: NSFEAT bit 2 is clear
+        for i in range(c.store.nns):
+            if x.cmd.nsid == i + 1 or (x.cmd.nsid == MDL_NSID_ALL and mdl_nsid_ok(c, i + 1)):
+                c.error_recovery[i] = dw11 & 0xFFFF
+    elif fid == FID_IV_CONFIG:
+        iv = dw11 & 0xFFFF
+        if iv >= c.nvec:
+            return MST_INVALID_FIELD | MST_DNR
+        # the admin queue's vector is never coalesced
+        c.iv_cd[iv] = 1 if iv == 0 else (dw11 >> 16) & 1
     else:
-        return MST_INVALID_FIELD | MST_DNR
+        c.write_atomicity = dw11 & 1
     return 0
 
 
 @cython.linetrace(False)
 @cython.profile(False)
 cdef int mdl_get_features(mdl_ctrl *c, mdl_cmdctx *x) noexcept nogil:
-    cdef uint32_t fid = x.cmd.cdw10 & 0xFF, sel = (x.cmd.cdw10 >> 8) & 7
+    cdef uint32_t fid = x.cmd.cdw10 & 0xFF, sel = (x.cmd.cdw10 >> 8) & 7, dw11 = x.cmd.cdw11, iv
+    cdef bint under
+    cdef int st
     if sel > 3:
         return MST_INVALID_FIELD | MST_DNR
-    if fid != FID_NUM_QUEUES and fid != FID_VWC and fid != FID_IRQ_COALESCING and fid != FID_ASYNC_EVENT:
+    if not mdl_feature_known(fid):
         return MST_INVALID_FIELD | MST_DNR
+    st = mdl_feature_scope(c, fid, x.cmd.nsid, False)
+    if st:
+        return st
     if sel == 3:
-        x.dw0 = 0x4                             # changeable, not saveable, not per namespace
+        # changeable, not saveable; per namespace for Error Recovery
+        x.dw0 = 0x4 | (0x2 if fid == FID_ERROR_RECOVERY else 0)
         return 0
     if fid == FID_NUM_QUEUES:
         x.dw0 = (c.nq - 1) | ((c.nq - 1) << 16)
@@ -524,8 +613,29 @@ cdef int mdl_get_features(mdl_ctrl *c, mdl_cmdctx *x) noexcept nogil:
         x.dw0 = c.wce if sel == 0 else 1        # default and saved value: enabled
     elif fid == FID_IRQ_COALESCING:
         x.dw0 = 0 if sel else c.coalescing
-    else:
+    elif fid == FID_ASYNC_EVENT:
         x.dw0 = 0 if sel else c.aec
+    elif fid == FID_ARBITRATION:
+        x.dw0 = 0 if sel else c.arbitration
+    elif fid == FID_POWER:
+        x.dw0 = 0 if sel else c.power_state
+    elif fid == FID_TEMP_THRESHOLD:
+        st = mdl_temp_select(dw11, &under)
+        if st:
+            return st
+        if sel:
+            x.dw0 = 0 if under else 343
+        else:
+            x.dw0 = c.temp_under if under else c.temp_over
+    elif fid == FID_ERROR_RECOVERY:
+        x.dw0 = 0 if sel else c.error_recovery[x.cmd.nsid - 1]
+    elif fid == FID_IV_CONFIG:
+        iv = dw11 & 0xFFFF
+        if iv >= c.nvec:
+            return MST_INVALID_FIELD | MST_DNR
+        x.dw0 = iv | (<uint32_t>(1 if iv == 0 else (0 if sel else c.iv_cd[iv])) << 16)
+    else:
+        x.dw0 = 0 if sel else c.write_atomicity
     return 0
 
 
@@ -610,7 +720,8 @@ cdef int mdl_format(mdl_ctrl *c, mdl_cmdctx *x) noexcept nogil:
         first = nsid - 1
         last = nsid
     else:
-        return MST_INVALID_NS | MST_DNR
+        # inactive (in 1..NN, not attached): Invalid Field, as I/O to it
+        return (MST_INVALID_FIELD if mdl_nsid_valid(c, nsid) else MST_INVALID_NS) | MST_DNR
     if lbaf > 1:
         return MST_FORMAT_INVALID | MST_DNR
     if mset or pi:

@@ -176,6 +176,13 @@ cdef struct mdl_ctrl:
     uint32_t wce
     uint32_t aec
     uint32_t coalescing
+    uint32_t arbitration     # Set Features 01h, as set
+    uint32_t power_state     # 02h: PS and WH
+    uint16_t temp_over       # 04h: composite temperature thresholds, kelvin
+    uint16_t temp_under
+    uint32_t write_atomicity # 0Ah: DN
+    uint32_t error_recovery[16]   # 05h, per namespace: TLER
+    uint8_t *iv_cd           # 09h: coalescing disabled, per interrupt vector
     # shadow doorbells (Doorbell Buffer Config)
     uint8_t dbbuf
     uint8_t *dbs
@@ -471,6 +478,22 @@ cdef void mdl_zero_doorbells(mdl_ctrl *c, uint32_t qid) noexcept nogil:
 
 @cython.linetrace(False)
 @cython.profile(False)
+cdef void mdl_features_default(mdl_ctrl *c) noexcept nogil:
+    """The mandatory features' values after a reset (NVMe 1.4 5.21.1)."""
+    cdef uint32_t i
+    c.arbitration = 0
+    c.power_state = 0
+    c.temp_over = 343            # WCTEMP, as Identify Controller reports it
+    c.temp_under = 0
+    c.write_atomicity = 0
+    for i in range(16):
+        c.error_recovery[i] = 0
+    if c.iv_cd != NULL:
+        memset(c.iv_cd, 0, c.nvec)
+
+
+@cython.linetrace(False)
+@cython.profile(False)
 cdef void mdl_reset(mdl_ctrl *c) noexcept nogil:
     """Controller reset (CC.EN 1 -> 0): every queue, held command, event and
     shadow doorbell forgotten; hang and fatal state cleared."""
@@ -491,6 +514,7 @@ cdef void mdl_reset(mdl_ctrl *c) noexcept nogil:
     c.wce = c.vwc
     c.aec = 0
     c.coalescing = 0
+    mdl_features_default(c)
     c.fatal = 0
     mdl_store_int(&c.fatal_req, 0)
     mdl_store_int(&c.hang_req, 0)
@@ -995,6 +1019,8 @@ cdef class ControllerModel:
         c.cq = <mdl_cq *>calloc(c.nq + 1, sizeof(mdl_cq))
         c.irq_fds = <int *>malloc(c.nvec * sizeof(int))
         c.irq_pending = <uint8_t *>calloc(c.nvec, 1)
+        c.iv_cd = <uint8_t *>calloc(c.nvec, 1)
+        mdl_features_default(c)
         c.scratch = <uint8_t *>malloc(MDL_SCRATCH)
         c.abuf = <uint8_t *>malloc(MDL_ABUF)
         cdef uint32_t v
@@ -1002,7 +1028,7 @@ cdef class ControllerModel:
             for v in range(c.nvec):
                 c.irq_fds[v] = -1
         if (c.sq == NULL or c.cq == NULL or c.irq_fds == NULL or c.irq_pending == NULL
-                or c.scratch == NULL or c.abuf == NULL):
+                or c.iv_cd == NULL or c.scratch == NULL or c.abuf == NULL):
             raise MemoryError()
         if mdl_mutex_init(&c.lock, NULL) != 0:
             raise OSError("cannot initialise the fault-injection lock")
@@ -1265,6 +1291,7 @@ cdef class ControllerModel:
         free(c.cq)
         free(c.irq_fds)
         free(c.irq_pending)
+        free(c.iv_cd)
         free(c.scratch)
         free(c.abuf)
         free(c.held)

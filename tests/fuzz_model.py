@@ -30,7 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from nvmefs import _core, _model  # noqa: E402
 
-from model_harness import CC_READY, PAGE, REG_CSTS, Host, Timeout, sgl_desc, sqe  # noqa: E402
+from model_harness import PAGE, REG_CSTS, Host, Timeout, sgl_desc, sqe  # noqa: E402
 
 NS_BYTES = 8 << 20
 GUARD_NSID = 2
@@ -46,10 +46,11 @@ IO_RW = GENERIC | DPTR | {(0, 0x80)}
 IO_COMPARE = IO_RW | {(2, 0x85)}
 ADMIN = (GENERIC | DPTR | {(0, 0x0C), (0, 0x07), (0, 0x08)}
          | {(1, sc) for sc in (0x00, 0x01, 0x02, 0x03, 0x05, 0x08, 0x09, 0x0A, 0x0C, 0x0D, 0x0E, 0x0F,
-                               0x14, 0x15)})
+                               0x14, 0x15, 0x16, 0x18, 0x1A, 0x1B, 0x1C)})
 IO_OPCODES = (0x00, 0x01, 0x02, 0x05, 0x08, 0x09)
 WRITES_DATA = {0x01, 0x08, 0x09}
 ADMIN_OPCODES = (0x00, 0x01, 0x02, 0x04, 0x05, 0x06, 0x08, 0x09, 0x0A, 0x0C, 0x18, 0x80)
+NS_MGMT_OPCODES = (0x0D, 0x15)          # Namespace Management, Attachment
 # Doorbell Buffer Config is left out on purpose: it would move the
 # doorbells to memory this raw host does not update
 
@@ -73,11 +74,14 @@ class Commands:
     seeded sequence writes and replay it on two controllers
     (tests/guest/fuzz_diff.py).  ``data_iova``: 64 pages the data pointers
     aim at; ``lists_iova``: 8 pages of PRP lists and SGL segments;
-    ``ns_lbas``: namespace 1's size, for the LBAs at and past its end."""
+    ``ns_lbas``: namespace 1's size, for the LBAs at and past its end;
+    ``ns_mgmt``: also Namespace Management and Attachment commands (never
+    taking namespace 1 or the guard namespace away)."""
 
-    def __init__(self, rnd, arena, data_iova, lists_iova, ns_lbas=NS_BYTES // 512):
+    def __init__(self, rnd, arena, data_iova, lists_iova, ns_lbas=NS_BYTES // 512, ns_mgmt=False):
         self.rnd, self.arena = rnd, arena
         self.data_iova, self.lists_iova, self.ns_lbas = data_iova, lists_iova, ns_lbas
+        self.admin_opcodes = ADMIN_OPCODES + (NS_MGMT_OPCODES if ns_mgmt else ())
 
     def addr(self):
         r, d = self.rnd, self.data_iova
@@ -165,8 +169,8 @@ class Commands:
 
     def admin_cmd(self):
         r = self.rnd
-        opc = r.choice(ADMIN_OPCODES) if r.random() < 0.9 else r.randrange(256)
-        if opc == 0x7C:
+        opc = r.choice(self.admin_opcodes) if r.random() < 0.9 else r.randrange(256)
+        if opc == 0x7C or opc in NS_MGMT_OPCODES and len(self.admin_opcodes) == len(ADMIN_OPCODES):
             opc = 0x06
         kw = dict(nsid=self.nsid(opc, True), cdw10=r.getrandbits(32), cdw11=r.getrandbits(32))
         if opc in (0x00, 0x01, 0x04, 0x05):
@@ -194,10 +198,44 @@ class Commands:
             kw["cdw10"] = r.choice((0, 1, 1 << 9, 2 << 9, 0x10, r.randrange(1 << 12)))
         elif opc == 0x0C:
             kw = dict()
+        elif opc in NS_MGMT_OPCODES:
+            self.ns_mgmt_cmd(opc, kw)
         else:
             if r.random() < 0.5:
                 self.dptr(kw)
         return opc, kw
+
+
+    def ns_mgmt_cmd(self, opc, kw):
+        """Create / delete (0Dh), attach / detach (15h): random sizes, formats,
+        controller lists and NSIDs, the data in a page of the data buffer."""
+        r = self.rnd
+        sel = r.choice((0, 0, 1, 1, r.randrange(16)))
+        kw["cdw10"] = sel | ((r.getrandbits(28) << 4) if r.random() < 0.1 else 0)
+        kw["cdw11"] = 0 if r.random() < 0.9 else r.getrandbits(32)
+        if opc == 0x0D and sel == 0 and r.random() < 0.8:
+            kw["nsid"] = 0                  # what a create names
+        else:
+            kw["nsid"] = r.choice((3, 3, 4, 4, 5, 0, 1, 2, 16, 17, 0xFFFFFFFF, r.getrandbits(32)))
+        if sel == 1 and kw["nsid"] in (1, GUARD_NSID, 0xFFFFFFFF):
+            kw["nsid"] = 3                  # delete / detach: never the fuzzer's own two
+        page = self.data_iova + r.randrange(64) * PAGE
+        if opc == 0x0D:
+            nsze = r.choice((8, 2048, 2048, 4096, NS_BYTES // 512, 0, 1 << 40, r.getrandbits(64)))
+            ncap = nsze if r.random() < 0.8 else r.choice((0, nsze // 2, nsze + 1))
+            ident = bytearray(struct.pack("<QQ", nsze, ncap).ljust(PAGE, b"\0"))
+            ident[26] = r.choice((0, 0, 1, 2, 0x10, 0x20, r.randrange(256)))
+            if r.random() < 0.1:
+                ident[29], ident[30] = r.randrange(8), r.randrange(2)
+            self.arena.write(page, bytes(ident))
+        else:
+            ids = r.choice(((1,), (1,), (1,), (), (2,), (1, 1), (0xFFFF,)))
+            count = len(ids) if r.random() < 0.9 else r.randrange(1 << 16)
+            self.arena.write(page, struct.pack(f"<H{len(ids)}H", count, *ids).ljust(PAGE, b"\0"))
+        if r.random() < 0.8:
+            kw["prp1"] = page
+        else:
+            self.dptr(kw)
 
 
 class Fuzzer(Commands):
@@ -205,8 +243,9 @@ class Fuzzer(Commands):
         self.rnd = random.Random(seed)
         self.arena = _core.DmaArena(64 << 20)
         self.regs = _core.RegisterFile(_model.model_regs_size(8, 0))
+        # room for the namespaces Namespace Management commands create
         self.model = _model.ControllerModel(self.arena, self.regs, namespaces=((NS_BYTES, 512), (NS_BYTES, 512)),
-                                            max_io_queues=8)
+                                            max_io_queues=8, capacity=6 * NS_BYTES)
         self.model.start()
         self.h = Host(self.model, self.arena, self.regs)
         self.h.enable()
@@ -223,7 +262,7 @@ class Fuzzer(Commands):
         self.data = self.h.alloc(64 * PAGE)
         self.lists = self.h.alloc(8 * PAGE)
         self.sentinel = self.h.alloc(16 * PAGE)
-        Commands.__init__(self, self.rnd, self.arena, self.data.iova, self.lists.iova)
+        Commands.__init__(self, self.rnd, self.arena, self.data.iova, self.lists.iova, ns_mgmt=True)
         self.sentinel_bytes = os.urandom(16 * PAGE)
         self.arena.write(self.sentinel.iova, self.sentinel_bytes)
         self.guard = bytes(self.rnd.getrandbits(8) for _ in range(4096)) * (NS_BYTES // 4096)

@@ -312,6 +312,49 @@ def test_features(make_host):
     assert status_of(h.admin(0x09, cdw10=0x07, cdw11=0)) == SEQUENCE_ERROR
 
 
+def test_mandatory_features(make_host):
+    """Arbitration, Power Management, Temperature Threshold, Error Recovery,
+    Interrupt Vector Configuration, Write Atomicity Normal (NVMe 1.4: all
+    mandatory): set, read back, defaults, bad values, NSID scope, reset."""
+    h = make_host(namespaces=((NS_SIZE, 512), (NS_SIZE, 512)))
+    get = lambda fid, dw11=0, sel=0, nsid=0: h.admin(0x0A, nsid=nsid, cdw10=fid | (sel << 8), cdw11=dw11)
+    put = lambda fid, dw11, nsid=0: h.admin(0x09, nsid=nsid, cdw10=fid, cdw11=dw11)
+    assert put(0x01, 0x03020107).status == 0 and get(0x01).dw0 == 0x03020107
+    assert put(0x02, 0x40).status == 0 and get(0x02).dw0 == 0x40             # WH 2, PS 0
+    assert status_of(put(0x02, 0x01)) == INVALID_FIELD                       # PS 1 > NPSS 0
+    assert get(0x04).dw0 == 343 and get(0x04, 1 << 20).dw0 == 0              # WCTEMP over, 0 under
+    assert put(0x04, 330).status == 0 and put(0x04, (1 << 20) | 260).status == 0
+    assert (get(0x04).dw0, get(0x04, 1 << 20).dw0, get(0x04, sel=1).dw0) == (330, 260, 343)
+    assert status_of(put(0x04, (1 << 16) | 300)) == INVALID_FIELD            # sensor 1: none
+    assert status_of(put(0x04, (2 << 20) | 300)) == INVALID_FIELD            # THSEL reserved
+    # Error Recovery is per namespace: an active NSID, or FFFFFFFFh to set them all
+    assert put(0x05, 50, nsid=0xFFFFFFFF).status == 0 and put(0x05, 7, nsid=2).status == 0
+    assert (get(0x05, nsid=1).dw0, get(0x05, nsid=2).dw0) == (50, 7)
+    assert get(0x05, sel=3, nsid=1).dw0 == 0x6                               # changeable, per namespace
+    assert status_of(put(0x05, 1 << 16, nsid=1)) == INVALID_FIELD            # DULBE: not supported
+    assert status_of(get(0x05)) == INVALID_NS
+    assert status_of(get(0x05, nsid=3)) == INVALID_FIELD                     # inactive
+    assert status_of(get(0x05, nsid=0xFFFFFFFF)) == INVALID_FIELD
+    # the others name no namespace: a Set naming one is refused, a Get ignores it
+    assert status_of(put(0x01, 0, nsid=1)) == (1, 0x0F, True)
+    assert get(0x06, nsid=2).status == 0 and get(0x06, nsid=0xFFFFFFFF).status == 0
+    assert get(0x09, 0).dw0 == 1 << 16                                       # admin vector: never coalesced
+    assert put(0x09, (1 << 16) | 3).status == 0 and get(0x09, 3).dw0 == (1 << 16) | 3
+    assert get(0x09, 4).dw0 == 4 and put(0x09, 0).status == 0 and get(0x09, 0).dw0 == 1 << 16
+    assert status_of(get(0x09, NQ + 1)) == INVALID_FIELD
+    assert put(0x0A, 1).status == 0 and get(0x0A).dw0 == 1 and get(0x0A, sel=1).dw0 == 0
+    h.reset()
+    assert (get(0x01).dw0, get(0x02).dw0, get(0x04).dw0, get(0x05, nsid=2).dw0, get(0x09, 3).dw0,
+            get(0x0A).dw0) == (0, 0, 343, 0, 3, 0)
+
+
+def test_get_log_page_within_mdts(make_host):
+    h = make_host(mdts=1)                                  # 8 KiB
+    assert h.get_log(0x05, 8192)[0].status == 0            # more than the 4 KiB page: cut short
+    c, _ = h.get_log(0x05, 8192 + 4)
+    assert status_of(c) == INVALID_FIELD                   # the ask is what MDTS bounds, not the page
+
+
 def test_vwc_absent_feature_refused(make_host):
     h = make_host(vwc=False)
     assert status_of(h.admin(0x09, cdw10=0x06, cdw11=1)) == INVALID_FIELD
@@ -575,7 +618,8 @@ def test_format_changes_lba_size_and_erases(host):
     assert status_of(h.admin(0x80, nsid=1, cdw10=2)) == (1, 0x0A, True)
     assert status_of(h.admin(0x80, nsid=1, cdw10=1 | (1 << 5))) == (1, 0x0A, True)   # PI
     assert status_of(h.admin(0x80, nsid=1, cdw10=1 | (2 << 9))) == INVALID_FIELD       # crypto erase
-    assert status_of(h.admin(0x80, nsid=7, cdw10=1)) == INVALID_NS
+    assert status_of(h.admin(0x80, nsid=7, cdw10=1)) == INVALID_FIELD      # inactive
+    assert status_of(h.admin(0x80, nsid=17, cdw10=1)) == INVALID_NS        # beyond NN
     # LBA format 1 without erase: the bytes stay, the block size changes
     assert h.admin(0x80, nsid=1, cdw10=1).status == 0
     d = h.identify(0, nsid=1)

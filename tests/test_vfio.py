@@ -20,6 +20,10 @@ from conftest import require
 HERE = os.path.dirname(os.path.abspath(__file__))
 GUEST_FILE = os.path.join("tests", "guest", "vfio_guest_tests.py")
 LAB_TIMEOUT = 240
+# guest tests that leave a table in the scratch dir, shown with -s / -rA
+REPORTS = {"test_differential_conformance": "conformance.txt",
+           "test_bad_bus_addresses_do_no_harm": "dma_isolation.txt",
+           "test_fuzz_against_qemu_and_model": "fuzz_diff.txt"}
 
 
 def _guest_tests():
@@ -62,11 +66,10 @@ def test_in_guest(lab_run, name):
     if not mine:
         raise vfio_lab.LabError(f"guest test {name} did not run (guest status {lab_run.status})",
                                 lab_run.console)
-    if name == "test_differential_conformance":
-        table = os.path.join(lab_run.scratch, "conformance.txt")
-        if os.path.exists(table):
-            with open(table) as f:
-                print(f.read())
+    table = os.path.join(lab_run.scratch, REPORTS.get(name, ""))
+    if name in REPORTS and os.path.exists(table):
+        with open(table) as f:
+            print(f.read())
     failed = {k: text for k, (outcome, text) in mine.items() if outcome != "passed"}
     assert not failed, "\n\n".join(f"guest {k}:\n{text}" for k, text in failed.items())
 
