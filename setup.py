@@ -33,7 +33,7 @@ else:
 directives.update({"language_level": 3, "embedsignature": True, "cdivision": True})
 
 
-def core_extension(name, pyx):
+def core_extension(name, pyx, libraries=()):
     return Extension(
         name,
         sources=[os.path.join("_core", pyx)],
@@ -42,12 +42,14 @@ def core_extension(name, pyx):
         define_macros=macros,
         extra_compile_args=cflags + ["-std=gnu11", "-Wno-unused-function"],
         extra_link_args=["-pthread"],
+        libraries=list(libraries),
     )
 
 
 # The driver core, and apart from it the device side (software controller,
-# echo device, bench loops), which sees the core only through nvmefs/_core.pxd
-core = core_extension("nvmefs._core", "_core.pyx")
+# echo device, bench loops), which sees the core only through nvmefs/_core.pxd.
+# The lanes' FUSE over io_uring uses liburing (Debian's liburing-dev).
+core = core_extension("nvmefs._core", "_core.pyx", libraries=["uring"])
 model = core_extension("nvmefs._model", "_model.pyx")
 
 

@@ -12,6 +12,10 @@
 #          ^                     |  <--reap----  CQ <-- (interrupt eventfd)
 #          +------reply----------+
 #
+# With FUSE over io_uring (lane_uring.pyx) the lane takes its requests from
+# ring entries on its CPU's kernel queue instead, and answers with each
+# entry's commit; /dev/fuse is still read (FORGET, INTERRUPT, a fallback).
+#
 # What a lane does not serve -- every request other than READ, WRITE,
 # FALLOCATE, FLUSH and FSYNC -- it hands to pyfuse3 through the forwarder
 # (_core/fuseshim/forward.c), which answers it on the same channel.
@@ -29,6 +33,7 @@
 # request; the few counters trio reads for stats are plain integers.
 
 from libc.stdint cimport int16_t
+from posix.uio cimport iovec, writev
 
 cdef extern from "lane_sys.h" nogil:
     ctypedef struct lane_ring:
@@ -52,6 +57,28 @@ cdef extern from "lane_sys.h" nogil:
     int lane_route_tid(int tid, int self_cpu, const int16_t *lane_of_cpu, int ncpu)
     int lane_fuse_clone(int session_fd)
     int lane_eventfd()
+
+cdef extern from "lane_uring.h" nogil:
+    ctypedef struct lu_ring:
+        int ok
+        unsigned pending
+    struct lu_ent_in_out:
+        uint64_t commit_id
+        uint32_t payload_sz
+    struct lu_req_header:
+        char in_out[128]
+        char op_in[128]
+        lu_ent_in_out ent
+    enum:
+        LU_CMD_REGISTER
+        LU_CMD_COMMIT_AND_FETCH
+    int lu_init(lu_ring *r, unsigned entries, int fuse_fd)
+    int lu_fd(lu_ring *r)
+    int lu_prep(lu_ring *r, unsigned cmd, uint64_t user, iovec *iov, uint16_t qid, uint64_t commit_id)
+    int lu_submit(lu_ring *r)
+    int lu_peek(lu_ring *r, uint64_t *user, int *res)
+    unsigned lu_ready(lu_ring *r)
+    void lu_exit(lu_ring *r)
 
 cdef extern from "<linux/fuse.h>" nogil:
     enum:
@@ -97,11 +124,11 @@ cdef extern from "<linux/fuse.h>" nogil:
         uint32_t size
         uint32_t padding
 
-from posix.uio cimport iovec, writev
 from posix.unistd cimport read as posix_read
-from libc.errno cimport EIO, EINTR, ENODEV, ENODATA, ENOENT, ENOSPC, ENOSYS, EINVAL, EAGAIN, EBUSY, EOPNOTSUPP
+from libc.errno cimport EIO, EINTR, ENODEV, ENODATA, ENOENT, ENOSPC, ENOSYS, EINVAL, EAGAIN, EBUSY, EOPNOTSUPP, ENOTCONN
 
 import os as _os
+import socket as _socket
 
 cdef extern from "<poll.h>" nogil:
     struct pollfd:
@@ -183,6 +210,27 @@ cdef struct lane_xfer:          # a request (its buffer) handed between lanes
     int32_t reply_fd
     uint32_t home
     uint32_t bufidx
+
+cdef enum:
+    RE_IDLE = 0                 # not registered (yet)
+    RE_KERNEL = 1               # registered or committed: the kernel's
+    RE_BUSY = 2                 # holds a request this lane serves
+    RE_FWD = 3                  # holds a request pyfuse3 serves (its reply comes by reply_r)
+    RE_DEAD = 4                 # ended (connection gone, or REGISTER refused)
+    URING_OFF = 0               # the lanes read every request from /dev/fuse
+    URING_PENDING = 1           # rings built, FUSE_INIT not answered yet
+    URING_GO = 2                # INIT said io_uring: register the entries
+    URING_DECLINED = 3          # the kernel did not offer it: /dev/fuse only
+
+cdef struct lane_rent:          # one FUSE io_uring entry
+    lu_req_header *hdr
+    iovec iov[2]                # the header, and the payload (DMA memory)
+    uint64_t iova               # the payload's bus address
+    uint64_t unique
+    uint64_t commit_id
+    uint16_t qid
+    uint8_t state
+    uint8_t last_cmd
 
 cdef struct lane_route_entry:
     uint32_t tid
@@ -339,6 +387,25 @@ cdef struct lane_t:
     uint64_t n_quarantined
     uint64_t bytes_read, bytes_written
     uint32_t max_active
+    # FUSE over io_uring (lane_uring.pyx): one ring, with entries for the
+    # queue of this lane's CPU and of CPUs no lane runs on
+    lu_ring uring
+    lane_rent *ents
+    uint32_t nent
+    uint32_t nent_alive         # registered and not ended
+    uint8_t registered
+    int32_t reply_r             # pyfuse3's replies to ring requests (socketpair)
+    int32_t reply_w
+    uint8_t *fwdbuf             # a ring request put together for pyfuse3
+    uint8_t *rbuf               # a reply of pyfuse3's, read from reply_r
+    uint32_t rbuf_size
+    int32_t register_err        # the first REGISTER failure (-errno)
+    uint32_t nfwd               # entries whose request pyfuse3 holds
+    uint8_t conn_gone           # the connection ended (ENODEV, ENOTCONN): nothing more can be answered
+    uint8_t fuse_readable       # poll() saw the /dev/fuse channel readable
+    uint32_t fuse_skip          # loop turns since /dev/fuse was last read (rings active)
+    uint64_t n_ring_requests, n_ring_commits, n_ring_forwarded, n_ring_ended, n_register_errors
+    uint64_t n_ring_reply_misses, n_commit_errors
 
 
 cdef struct lane_shared:
@@ -359,6 +426,11 @@ cdef struct lane_shared:
     # non-data requests go to pyfuse3 (fuseshim forward.c); NULL: ENOSYS
     int (*forward)(const void *req, size_t len, int reply_fd) noexcept nogil
     int (*forwarded)(uint64_t unique) noexcept nogil
+    uint32_t uring_state        # URING_*
+    uint32_t uring_fault        # tests: REGISTER with a payload the kernel refuses
+    uint32_t nqid               # the rings' queues: every possible CPU
+    uint64_t *qid_requests      # per qid: requests fetched (written by its lane only)
+    uint64_t *qid_reads
 
 
 cdef inline uint64_t lane_wall_ns() noexcept nogil:
@@ -374,6 +446,10 @@ cdef void lane_reply(lane_t *ln, int fd, uint64_t unique, int err, const void *d
     channel the request was read from."""
     cdef fuse_out_header h
     cdef iovec iov[2]
+    if fd <= -2:
+        # a request that came on this lane's ring: the answer is its entry's commit
+        lane_ring_commit(ln, <uint32_t>(-2 - fd), unique, err, data, n)
+        return
     h.len = <uint32_t>(sizeof(fuse_out_header) + n)
     h.error = -err
     h.unique = unique
@@ -468,6 +544,9 @@ cdef inline void fifo_push(lane_t *ln, uint32_t *head, uint32_t *tail, uint32_t 
 cdef void *lane_main(void *arg) noexcept nogil:
     cdef lane_t *ln = <lane_t *>arg
     lane_loop(ln)
+    # the kernel cancels the entries it still holds (none after an unmount:
+    # each ended with -ENOTCONN)
+    lu_exit(&ln.uring)
     lane_post(ln, EV_EXIT, NULL, 0, 0, 0, 0, 0, ln.exit_err, 0, 0)
     return NULL
 
@@ -483,6 +562,9 @@ cdef void lane_loop(lane_t *ln) noexcept nogil:
             return
         lane_control(ln)
         progress = lane_take_handed(ln)
+        if ln.nent:
+            if lane_uring_step(ln):
+                progress = True
         if ln.attached:
             if lane_reap(ln):
                 progress = True
@@ -495,6 +577,8 @@ cdef void lane_loop(lane_t *ln) noexcept nogil:
         if lane_load32(&ln.range_wait):
             lane_store32(&ln.range_wait, 0)
             lane_retry_ranges(ln)
+        if ln.nent:
+            lu_submit(&ln.uring)     # the commits this turn made, in one system call
         if ln.stopping and lane_may_end(ln):
             return
         if ln.nbacklog and ln.nfreereq and (ln.nfreebuf or lane_backlog_flush_first(ln)):
@@ -507,6 +591,15 @@ cdef void lane_loop(lane_t *ln) noexcept nogil:
         # a DMA buffer for the next request, or the spare: then the
         # request waits (backlog) if it is a data request, but lookups,
         # opens and stats never stall behind commands in flight
+        if ln.nent_alive and not ln.fuse_readable and ln.fuse_skip < 64:
+            # the rings carry the requests: /dev/fuse only FORGET and
+            # INTERRUPT, read when poll() says so (and now and then)
+            ln.fuse_skip += 1
+            if not progress:
+                lane_wait(ln, True)
+            continue
+        ln.fuse_readable = 0
+        ln.fuse_skip = 0
         if ln.nfreebuf:
             bi = ln.freebuf[ln.nfreebuf - 1]
             into = lane_buf(ln, bi)
@@ -524,6 +617,8 @@ cdef void lane_loop(lane_t *ln) noexcept nogil:
             # ENODEV: unmounted, the connection is gone.  What is in flight
             # is still answered (the writes fail harmlessly) and its
             # buffers wait for its commands before the thread ends.
+            if errno == ENODEV:
+                ln.conn_gone = 1
             lane_stop_reading(ln, 0 if errno == ENODEV else -errno)
             continue
         if <size_t>n < sizeof(fuse_in_header):
@@ -554,6 +649,8 @@ cdef bint lane_may_end(lane_t *ln) noexcept nogil:
     cdef uint32_t j
     if ln.active or ln.nbacklog or ln.nfreebuf != ln.nbuf or lane_load32(&ln.sh.readers):
         return False
+    if ln.nfwd and not ln.conn_gone:
+        return False            # pyfuse3 still owes answers that go out on this lane's ring
     for j in range(ln.sh.nlanes):
         if j != ln.id and lane_ring_ready(&ln.sh.inbox[ln.id * ln.sh.nlanes + j]):
             return False
@@ -601,7 +698,7 @@ cdef bint lane_work_waiting(lane_t *ln) noexcept nogil:
 cdef void lane_wait(lane_t *ln, bint want_fuse) noexcept nogil:
     """Sleep until /dev/fuse (want_fuse and a buffer to read into), a
     completion, a message or a timer needs the thread."""
-    cdef pollfd p[3]
+    cdef pollfd p[5]
     cdef int np = 0, timeout = -1
     cdef uint64_t start, now, due
     cdef bint busy = ln.attached and ln.inflight > 0
@@ -632,13 +729,23 @@ cdef void lane_wait(lane_t *ln, bint want_fuse) noexcept nogil:
             np += 1
         else:
             timeout = 0         # a polled queue: nothing signals it, watch it
+    cdef int fuse_at = -1
     if want_fuse:
+        fuse_at = np
         p[np].fd = ln.fd
         p[np].events = POLLIN
+        p[np].revents = 0
         np += 1
     p[np].fd = ln.wake_fd
     p[np].events = POLLIN
     np += 1
+    if ln.nent and lu_fd(&ln.uring) >= 0:
+        p[np].fd = lu_fd(&ln.uring)
+        p[np].events = POLLIN
+        np += 1
+        p[np].fd = ln.reply_r
+        p[np].events = POLLIN
+        np += 1
     if timeout < 0:
         due = 0
         if ln.ndl:
@@ -653,7 +760,7 @@ cdef void lane_wait(lane_t *ln, bint want_fuse) noexcept nogil:
             timeout = 0 if due <= now else <int>((due - now) // 1000000) + 1
     lane_store32(&ln.sleeping, 1)
     nvmefs_mb()
-    if lane_work_waiting(ln):
+    if lane_work_waiting(ln) or (ln.nent and (lu_ready(&ln.uring) or ln.uring.pending)):
         lane_store32(&ln.sleeping, 0)
         return
     if timeout == 0 and busy and ln.irq_fd < 0:
@@ -661,6 +768,8 @@ cdef void lane_wait(lane_t *ln, bint want_fuse) noexcept nogil:
     else:
         ln.n_sleeps += 1
         poll(p, np, timeout)
+        if fuse_at >= 0 and p[fuse_at].revents:
+            ln.fuse_readable = 1
     lane_store32(&ln.sleeping, 0)
     lane_drain(ln.wake_fd)
 
@@ -1048,6 +1157,8 @@ cdef class LaneSet:
             ln.fd = -1
             ln.wake_fd = -1
             ln.irq_fd = -1
+            ln.reply_r = -1
+            ln.reply_w = -1
             ln.id = i
             ln.nlanes = n
             ln.cpu = cpus[i]
@@ -1116,6 +1227,16 @@ cdef class LaneSet:
                     close(ln.fd)
                 if ln.wake_fd >= 0:
                     close(ln.wake_fd)
+                lu_exit(&ln.uring)
+                if ln.reply_r >= 0:
+                    close(ln.reply_r)
+                if ln.reply_w >= 0:
+                    close(ln.reply_w)
+                if ln.ents != NULL:
+                    free(ln.ents[0].hdr)
+                free(ln.ents)
+                free(ln.fwdbuf)
+                free(ln.rbuf)
                 lane_ring_free(&ln.events)
                 free(ln.freebuf)
                 free(ln.req)
@@ -1136,6 +1257,8 @@ cdef class LaneSet:
         free(self.sh.ranges)
         free(self.sh.mtime)
         free(self.sh.lane_of_cpu)
+        free(self.sh.qid_requests)
+        free(self.sh.qid_reads)
         free(self.tables[0])
         free(self.tables[1])
 
@@ -1201,6 +1324,107 @@ cdef class LaneSet:
                 self.range_objs[nsid] = rs
                 self.sh.ranges[nsid] = <void *>rs
         self.table_cur = nxt
+
+    def setup_uring(self, int fuse_fd, qids, bint fault=False):
+        """FUSE over io_uring (lane_uring.pyx), before start(): lane i gets
+        ``depth`` entries on queue ``qid`` for each (qid, depth) in
+        ``qids[i]`` (every possible CPU's queue in one lane's list or
+        another's), each with a DMA payload of max_write bytes.  Raises
+        OSError or MemoryError if a ring cannot be made (the caller then
+        stays with /dev/fuse).  ``fault``: tests, REGISTER with a payload
+        the kernel refuses."""
+        cdef uint32_t i, k, e, nent, nq, nreq, depth
+        cdef lane_t *ln
+        cdef DmaBuffer mem
+        cdef lu_req_header *hdrs
+        cdef size_t esize = self.stride + 2 * LANE_HDR_ROOM
+        cdef int rc
+        if self.started:
+            raise RuntimeError("the lanes are running")
+        if len(qids) != self.count or any(not 1 <= d <= 1024 for lane in qids for _q, d in lane):
+            raise ValueError("one list of (queue, depth) per lane, depth 1..1024")
+        nq = max(max(q for q, _d in lane) if lane else 0 for lane in qids) + 1
+        self.sh.qid_requests = <uint64_t *>calloc(nq, sizeof(uint64_t))
+        self.sh.qid_reads = <uint64_t *>calloc(nq, sizeof(uint64_t))
+        if self.sh.qid_requests == NULL or self.sh.qid_reads == NULL:
+            raise MemoryError()
+        self.sh.nqid = nq
+        for i in range(self.count):
+            ln = self.lanes[i]
+            nent = sum(d for _q, d in qids[i])
+            if nent == 0:
+                continue
+            owner_of = [q for q, d in qids[i] for _ in range(d)]
+            ln.ents = <lane_rent *>calloc(nent, sizeof(lane_rent))
+            hdrs = <lu_req_header *>calloc(nent, sizeof(lu_req_header))
+            ln.fwdbuf = <uint8_t *>malloc(self.stride + LANE_HDR_ROOM)
+            ln.rbuf_size = <uint32_t>(self.max_write + LANE_HDR_ROOM)
+            ln.rbuf = <uint8_t *>malloc(ln.rbuf_size)
+            if ln.ents == NULL or hdrs == NULL or ln.fwdbuf == NULL or ln.rbuf == NULL:
+                free(hdrs)
+                raise MemoryError()
+            ln.ents[0].hdr = hdrs           # freed with the lane, whatever happens next
+            mem = self.arena.alloc(esize * nent)
+            self.bufs.append(mem)
+            for e in range(nent):
+                ln.ents[e].hdr = &hdrs[e]
+                ln.ents[e].iov[0].iov_base = &hdrs[e]
+                ln.ents[e].iov[0].iov_len = sizeof(lu_req_header)
+                # [header room][payload: max_write][room an RMW write reaches past it]
+                ln.ents[e].iov[1].iov_base = mem.vaddr + e * esize + LANE_HDR_ROOM
+                ln.ents[e].iov[1].iov_len = self.max_write
+                ln.ents[e].iova = mem.iova + e * esize + LANE_HDR_ROOM
+                ln.ents[e].qid = <uint16_t>owner_of[e]
+            ln.nent = nent
+            rc = lu_init(&ln.uring, nent, fuse_fd)
+            if rc < 0:
+                raise OSError(-rc, f"cannot create lane {i}'s io_uring: {_os.strerror(-rc)}")
+            a, b = _socket.socketpair(_socket.AF_UNIX, _socket.SOCK_SEQPACKET)
+            for sk in (a, b):
+                # one answer per message; room for many (READDIR, xattrs)
+                sk.setsockopt(_socket.SOL_SOCKET, _socket.SO_SNDBUF, 4 << 20)
+                sk.setsockopt(_socket.SOL_SOCKET, _socket.SO_RCVBUF, 4 << 20)
+            a.setblocking(False)
+            ln.reply_r = a.detach()
+            ln.reply_w = b.detach()
+            # a request slot for every entry: a ring request never waits for one
+            nreq = ln.nreq + nent
+            free(ln.req)
+            free(ln.freereq)
+            free(ln.dl)
+            ln.req = <lreq *>calloc(nreq, sizeof(lreq))
+            ln.freereq = <uint32_t *>malloc(nreq * sizeof(uint32_t))
+            ln.dl = <lane_delayed *>malloc(nreq * sizeof(lane_delayed))
+            if ln.req == NULL or ln.freereq == NULL or ln.dl == NULL:
+                raise MemoryError()
+            ln.nreq = ln.dlcap = nreq
+            for k in range(nreq):
+                ln.freereq[k] = nreq - 1 - k
+            ln.nfreereq = nreq
+        self.sh.uring_fault = fault
+        self.sh.uring_state = URING_PENDING
+
+    def uring_hook(self):
+        """(function, context) for the FUSE shim's want_uring(): called
+        once the FUSE_INIT answer is written, with whether it asked for
+        io_uring."""
+        return <uintptr_t>&lane_uring_init_answered, <uintptr_t>&self.sh
+
+    @property
+    def uring_state(self):
+        return ("off", "pending", "active", "declined")[lane_load32(&self.sh.uring_state)]
+
+    def uring_stats(self):
+        """Per queue: the lane serving it and the requests it took."""
+        cdef uint32_t i, e
+        cdef lane_t *ln
+        owner = {}
+        for i in range(self.count):
+            ln = self.lanes[i]
+            for e in range(ln.nent):
+                owner[ln.ents[e].qid] = i
+        return [{"qid": q, "lane": owner.get(q), "requests": self.sh.qid_requests[q],
+                 "reads": self.sh.qid_reads[q]} for q in range(self.sh.nqid)]
 
     def start(self, fuse_fds, bint own=True):
         """Start the threads, lane i reading ``fuse_fds[i]`` (non-blocking;
@@ -1350,6 +1574,11 @@ cdef class LaneSet:
                 "buffers": ln.nbuf, "attached": bool(ln.attached), "failed": bool(ln.failed),
                 "running": bool(ln.running), "events_lost": ln.events_lost,
                 "quarantined": ln.n_quarantined, "backlog": ln.nbacklog,
+                "ring_entries": ln.nent, "ring_entries_registered": ln.nent_alive,
+                "ring_requests": ln.n_ring_requests, "ring_commits": ln.n_ring_commits,
+                "ring_to_pyfuse3": ln.n_ring_forwarded, "ring_ended": ln.n_ring_ended,
+                "register_errors": ln.n_register_errors, "register_error": ln.register_err,
+                "commit_errors": ln.n_commit_errors,
             })
         return out
 

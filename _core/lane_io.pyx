@@ -82,7 +82,17 @@ cdef void lane_serve(lane_t *ln, uint8_t *buf, size_t n, uint32_t home, uint32_t
                      int32_t reply_fd) noexcept nogil:
     """Take a data request whose buffer (index ``bufidx`` of lane ``home``)
     is now this lane's until it is answered."""
-    cdef fuse_in_header *h = <fuse_in_header *>buf
+    cdef uint64_t iova = 0
+    if bufidx != LANE_NONE:
+        iova = ln.sh.lanes[home].bufiova + <uint64_t>bufidx * ln.stride
+    lane_serve_at(ln, buf if bufidx != LANE_NONE else NULL, iova, n, home, bufidx, reply_fd, buf)
+
+
+cdef void lane_serve_at(lane_t *ln, uint8_t *buf, uint64_t iova, size_t n, uint32_t home, uint32_t bufidx,
+                        int32_t reply_fd, uint8_t *req) noexcept nogil:
+    """The request at ``req``, its DMA buffer ``buf`` at bus address
+    ``iova`` (NULL: none; a ring entry's payload has no pool index)."""
+    cdef fuse_in_header *h = <fuse_in_header *>req
     cdef uint32_t slot
     cdef lreq *r
     cdef lane_ns *ns
@@ -92,12 +102,11 @@ cdef void lane_serve(lane_t *ln, uint8_t *buf, size_t n, uint32_t home, uint32_t
     memset(r, 0, sizeof(lreq))
     r.unique = h.unique
     r.nodeid = h.nodeid
-    r.buf = buf if bufidx != LANE_NONE else NULL
+    r.buf = buf
     r.reply_fd = reply_fd
     r.home = home
     r.bufidx = bufidx
-    if bufidx != LANE_NONE:
-        r.iova = ln.sh.lanes[home].bufiova + <uint64_t>bufidx * ln.stride
+    r.iova = iova
     r.fuse_op = <uint8_t>h.opcode
     r.link = LANE_NONE
     r.state = S_RUN

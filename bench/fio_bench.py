@@ -4,8 +4,10 @@
 Targets (all mounted for the whole run; each row runs them back to back):
 
   nvmefs      the mount, one lane per CPU (built-in controller, 1 TiB sparse
-              image on /dev/shm)
-  nvmefs-l1   the same with --lanes 1
+              image on /dev/shm), taking requests from /dev/fuse
+  nvmefs-uring  the same with FUSE over io_uring (the run switches the
+              kernel's enable_uring on, and back)
+  nvmefs-l1   the same as nvmefs with --lanes 1
   nvmefs-pc   the same with --page-cache (FUSE's writeback cache): the
               buffered row only
   cmemfs-st   bench/cmemfs.c: a C server on plain libfuse 3, low-level API,
@@ -22,7 +24,9 @@ buffered writes with an fsync at the end.
 Prints IOPS per target, then the targets of issue 13 as ratios with PASS or
 MISS: nvmefs >= 1.0x the best of cmemfs-st/-mt on each row, >= 2x qsd on each
 row, unaligned >= 0.8x aligned 4 KiB writes at QD32, and nvmefs (2 lanes here)
->= 1.3x nvmefs-l1 at QD32.  Writes JSON and a PNG.  Also samples the nvmefs
+>= 1.3x nvmefs-l1 at QD32; and those of issue 14: nvmefs-uring >= 1.5x the
+best cmemfs on the 4 KiB rows, >= 1.0x on the 1 MiB rows, >= 1.2x nvmefs at
+QD1.  Writes JSON and a PNG.  Also samples the nvmefs
 daemon's memory: anonymous RSS (the daemon's own heap, buffers and queues);
 the image's written pages are mapped shared and are the image file's page
 cache, not the daemon's.
@@ -56,7 +60,8 @@ ROWS = [
     # through the page cache, fsync at the end: what --page-cache is for
     ("buffered randwrite 4k", "randwrite", "4k", "psync", 1, 0),
 ]
-ALL_TARGETS = ("nvmefs", "nvmefs-l1", "nvmefs-pc", "cmemfs-st", "cmemfs-mt", "qsd", "tmpfs")
+ALL_TARGETS = ("nvmefs", "nvmefs-uring", "nvmefs-l1", "nvmefs-pc", "cmemfs-st", "cmemfs-mt", "qsd", "tmpfs")
+URING_PARAM = "/sys/module/fuse/parameters/enable_uring"
 
 
 def runs_row(target, row):
@@ -98,6 +103,11 @@ def daemon(argv, path, size, umount):
                 break
             except subprocess.TimeoutExpired:
                 pass
+
+
+def write_param(path, value):
+    with open(path, "w") as f:
+        f.write(value)
 
 
 def run_fio(path, row, runtime, size):
@@ -167,7 +177,8 @@ def start_target(stack, target, tmp, size_bytes, image_dir, mount_args):
     if target.startswith("nvmefs"):
         mnt = os.path.join(tmp, target)
         os.mkdir(mnt)
-        lanes = {"nvmefs-l1": ["--lanes", "1"], "nvmefs-pc": ["--page-cache"]}.get(target, [])
+        lanes = {"nvmefs-l1": ["--lanes", "1"], "nvmefs-pc": ["--page-cache"],
+                 "nvmefs-uring": ["--fuse-transport", "uring"]}.get(target, ["--fuse-transport", "dev"])
         image = os.path.join(image_dir, f"{target}.img")
         path = os.path.join(mnt, "nvme0n1")
         proc = stack.enter_context(daemon(
@@ -231,6 +242,14 @@ def verdicts(results, rows, targets):
         for name in names:
             if "QD32" in name:
                 out.append((f"nvmefs / nvmefs-l1     {name}", nv[name]["iops"] / iops("nvmefs-l1", name), 1.3))
+    if "nvmefs-uring" in targets:
+        for name in (r[0] for r in rows if not r[0].startswith("buffered")):
+            ur = iops("nvmefs-uring", name)
+            if cm:
+                best = max(iops(t, name) for t in cm)
+                out.append((f"uring / cmemfs best    {name}", ur / best, 1.0 if "1M" in name else 1.5))
+            if "nvmefs" in targets and "QD1" in name:
+                out.append((f"uring / nvmefs         {name}", ur / nv[name]["iops"], 1.2))
     return out
 
 
@@ -260,11 +279,21 @@ def main(argv=None):
             raise SystemExit(f"{tool} not found (make bench installs fio, fuse3 and qemu-system-common)")
     if any(t.startswith("cmemfs") for t in targets):
         build_cmemfs()
+    uring_was = None
+    if "nvmefs-uring" in targets:
+        if not os.path.exists(URING_PARAM):
+            raise SystemExit("nvmefs-uring: this kernel has no FUSE over io_uring")
+        with open(URING_PARAM) as f:
+            uring_was = f.read().strip()
+        with open(URING_PARAM, "w") as f:
+            f.write("Y")
     os.makedirs(args.out, exist_ok=True)
     results = {t: {} for t in targets}
     rss_peak = None
     paths, sampler = {}, None
     with tempfile.TemporaryDirectory(prefix="nvmefs-bench-") as tmp, contextlib.ExitStack() as stack:
+        if uring_was is not None:
+            stack.callback(write_param, URING_PARAM, uring_was)
         image_dir = tempfile.mkdtemp(prefix="nvmefs-bench-", dir=args.image_dir)
         stack.callback(shutil.rmtree, image_dir, ignore_errors=True)
         for target in targets:
@@ -292,11 +321,12 @@ def main(argv=None):
             rss_peak = sampler.peak
 
     print(f"\nIOPS, best of {args.repeat} x {args.runtime} s (MiB/s for the 1M rows)")
-    print(f"{'row':<25}" + "".join(f"{t:>11}" for t in targets))
+    w = max([11] + [len(t) + 2 for t in targets])
+    print(f"{'row':<25}" + "".join(f"{t:>{w}}" for t in targets))
     for row in rows:
         big = row[2] == "1M"
         print(f"{row[0]:<25}" + "".join(
-            f"{results[t][row[0]]['mib_s' if big else 'iops']:>11.0f}" if row[0] in results[t] else f"{'-':>11}"
+            f"{results[t][row[0]]['mib_s' if big else 'iops']:>{w}.0f}" if row[0] in results[t] else f"{'-':>{w}}"
             for t in targets))
     checks = verdicts(results, rows, targets)
     if checks:

@@ -376,7 +376,11 @@ def cmd_stats(args):
     def table(d):
         la = d["lanes"]
         out = [f"controller {d['transport']}   resets {d['resets']}   lanes {len(la['lanes'])}   "
+               f"FUSE over {la.get('fuse_transport', '/dev/fuse')}   "
                f"errors {la['errors']}   retries {la['retries']}   timeouts {la['timeouts']}"]
+        if la.get("rings"):
+            out.append("io_uring queues: " + ", ".join(f"CPU {r['qid']} (lane {r['lane']}) {r['requests']} requests"
+                                                      for r in la["rings"]))
         cols = ("qid", "owner", "submitted", "completed", "in_flight", "sq_full_waits", "prp", "sgl", "errors",
                 "interrupts")
         out.append(" ".join(f"{c:>13}" for c in cols))
@@ -500,6 +504,14 @@ def build_parser():
                         "sleeping (default 1000; a sleeping controller costs a thread wake-up per command)")
     p.add_argument("--page-cache", action="store_true",
                    help="let the kernel page cache serve reads (default: direct I/O)")
+    p.add_argument("--fuse-transport", choices=("auto", "uring", "dev"), default="auto",
+                   help="how the lanes take FUSE requests: io_uring (Linux 6.14+, enable_uring=Y), "
+                        "/dev/fuse, or auto (io_uring where the kernel offers it; default)")
+    p.add_argument("--enable-uring", action="store_true",
+                   help="as root, switch the kernel's FUSE over io_uring on (fuse module parameter "
+                        "enable_uring) before mounting")
+    p.add_argument("--uring-depth", type=int_range(1, 1024), default=None, metavar="N",
+                   help="io_uring entries per CPU queue (default: the lanes' requests per lane)")
     p.add_argument("-b", "--background", action="store_true", help="run in the background once mounted")
     p.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_mount)

@@ -13,8 +13,10 @@ import sys
 _flags = sys.getdlopenflags()
 sys.setdlopenflags(_flags | os.RTLD_GLOBAL)
 try:
-    from nvmefs._fuseshim import arm, close, end, forwarder, route_replies, session_fd, sessions, stats
+    from nvmefs._fuseshim import (arm, close, end, forwarder, route_replies, session_fd, sessions, stats,
+                                  uring_offered, want_uring)
 finally:
     sys.setdlopenflags(_flags)
 
-__all__ = ["arm", "close", "end", "forwarder", "route_replies", "session_fd", "sessions", "stats"]
+__all__ = ["arm", "close", "end", "forwarder", "route_replies", "session_fd", "sessions", "stats",
+           "uring_offered", "want_uring"]

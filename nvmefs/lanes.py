@@ -41,6 +41,44 @@ FUSE_OPS = {15: "read", 16: "write", 20: "fsync", 25: "flush", 43: "fallocate"}
 RECENT_ERRORS = 16
 
 
+def possible_cpus():
+    """Every CPU the kernel may ever run a task on (/sys/devices/system/cpu/
+    possible): FUSE over io_uring has a queue for each."""
+    try:
+        with open("/sys/devices/system/cpu/possible") as f:
+            text = f.read().strip()
+        out = []
+        for part in text.split(","):
+            lo, _, hi = part.partition("-")
+            out.extend(range(int(lo), int(hi or lo) + 1))
+        return out
+    except (OSError, ValueError):
+        return list(range(os.cpu_count() or 1))
+
+
+# entries on the queue of a CPU no lane runs on: every queue needs some,
+# but only a process running there uses them (a hot-plug VM may list many)
+SPARE_DEPTH = 2
+
+
+def uring_plan(lane_cpu_list, cpus, depth):
+    """The (queue, entries) each lane registers: ``depth`` on its own CPU's
+    queue, SPARE_DEPTH on those of CPUs no lane runs on, spread over the
+    lanes."""
+    plan = [[] for _ in lane_cpu_list]
+    owner = {}
+    for i, cpu in enumerate(lane_cpu_list):
+        owner.setdefault(cpu, i)
+    spare = 0
+    for cpu in cpus:
+        if cpu in owner:
+            plan[owner[cpu]].append((cpu, depth))
+        else:
+            plan[spare % len(plan)].append((cpu, SPARE_DEPTH))
+            spare += 1
+    return plan
+
+
 def lane_cpus(count=None):
     """The CPUs of the lanes: one lane per CPU this process may run on, or
     ``count`` lanes spread over them (lane i on the i-th, wrapping)."""
@@ -62,7 +100,10 @@ class Lanes:
     name = "lanes"
     bounce_bytes = 0            # the lanes' requests bring their own DMA buffers
 
-    def __init__(self, arena, cpus, *, spin_ns=30000, timeout=10.0, retries=3, max_write=MAX_WRITE):
+    def __init__(self, arena, cpus, *, spin_ns=30000, timeout=10.0, retries=3, max_write=MAX_WRITE,
+                 uring_depth=0, uring_fault=False):
+        """``uring_depth``: ring entries per CPU queue for FUSE over io_uring
+        (0: /dev/fuse only)."""
         self.arena = arena
         self.cpus = list(cpus)
         self.wants = len(self.cpus)
@@ -70,6 +111,10 @@ class Lanes:
         self.timeout = timeout
         self.retries = retries
         self.max_write = max_write
+        self.uring_depth = uring_depth
+        self.uring_fault = uring_fault
+        self.uring_error = None     # why the rings could not be made
+        self.transport_seen = None  # what the mount's probe request came by
         self.set = None
         self.ctrl = None
         self.queues = []
@@ -178,10 +223,20 @@ class Lanes:
 
     # -- running -------------------------------------------------------------------
 
-    def start(self, session_fd, forwarder):
+    def start(self, session_fd, forwarder, want_uring=None):
         """Clone one FUSE channel per lane from the session's /dev/fuse fd
         and start the threads; ``forwarder``: (forward, forwarded) of the
-        FUSE shim, for the requests pyfuse3 serves."""
+        FUSE shim, for the requests pyfuse3 serves; ``want_uring``: the
+        shim's, to ask for FUSE over io_uring (with uring_depth)."""
+        if self.uring_depth and want_uring is not None:
+            plan = uring_plan(self.cpus[:self.set.count], possible_cpus(), self.uring_depth)
+            try:
+                self.set.setup_uring(session_fd, plan, fault=self.uring_fault)
+            except (OSError, MemoryError) as exc:
+                self.uring_error = str(exc)
+                log.warning("FUSE over io_uring not used: %s; serving /dev/fuse", exc)
+            else:
+                want_uring(*self.set.uring_hook())
         fds = []
         try:
             for _ in range(self.set.count):
@@ -270,11 +325,28 @@ class Lanes:
         await self.ended.wait()
 
     @staticmethod
-    def dma_bytes(count, max_write=MAX_WRITE, max_lba=4096):
-        """DMA memory ``count`` lanes take (VFIO pins it all)."""
+    def dma_bytes(count, max_write=MAX_WRITE, max_lba=4096, uring_depth=0, ncpu=1):
+        """DMA memory ``count`` lanes take (VFIO pins it all), with ring
+        entries of ``uring_depth`` on each lane's CPU queue and SPARE_DEPTH
+        on the rest of the ``ncpu`` possible CPUs' queues."""
         per = max(8, -(-BACKGROUND // count) + 1)
         stride = -(-(4096 + max_write + 4 * max_lba) // 4096) * 4096
-        return count * per * stride + (1 << 20)
+        entries = uring_depth * count + SPARE_DEPTH * max(ncpu - count, 0) if uring_depth else 0
+        return count * per * stride + entries * (stride + 2 * 4096) + (1 << 20)
+
+    @property
+    def fuse_transport(self):
+        """"io_uring" while requests arrive on the rings (the mount checks
+        with a probe request once FUSE_INIT is answered), "/dev/fuse"
+        otherwise, "pending" before."""
+        if self.set is None or self.set.uring_state == "off":
+            return "/dev/fuse"
+        if self.transport_seen is None:
+            return "pending"
+        return self.transport_seen
+
+    def ring_requests(self):
+        return sum(r["requests"] for r in self.set.uring_stats()) if self.set is not None else 0
 
     def close(self):
         """After pyfuse3 has stopped answering: the channels close."""
@@ -294,4 +366,5 @@ class Lanes:
         for st, q in zip(lanes, self.queues or [None] * len(lanes)):
             st["qid"] = q.qid if q is not None else None
         return {"lanes": lanes, **self.counts, "recent_errors": list(self.recent),
-                "max_background": self.max_background}
+                "max_background": self.max_background, "fuse_transport": self.fuse_transport,
+                "rings": self.set.uring_stats() if self.set.uring_state != "off" else []}

@@ -35,6 +35,45 @@ log = logging.getLogger("nvmefs.mount")
 
 SHUTDOWN_GRACE = 30.0
 MNT_DETACH = 2
+URING_PARAM = "/sys/module/fuse/parameters/enable_uring"
+
+
+def read_enable_uring():
+    """The fuse module's enable_uring parameter: True, False, or None when
+    this kernel has no FUSE over io_uring."""
+    try:
+        with open(URING_PARAM) as f:
+            return f.read().strip() in ("Y", "1")
+    except OSError:
+        return None
+
+
+def pick_fuse_transport(args):
+    """'uring' or 'dev' for --fuse-transport auto|uring|dev (and
+    --enable-uring), with the line that says why when it is not io_uring."""
+    if args.enable_uring:
+        if args.fuse_transport == "dev":
+            raise UsageError("--enable-uring with --fuse-transport dev: pick one")
+        if read_enable_uring() is None:
+            raise UsageError("--enable-uring: this kernel has no FUSE over io_uring (Linux 6.14 or later, "
+                             "CONFIG_FUSE_IO_URING)")
+        if not read_enable_uring():
+            if os.geteuid() != 0:
+                raise UsageError(f"--enable-uring needs root (it writes Y to {URING_PARAM})")
+            with open(URING_PARAM, "w") as f:
+                f.write("Y")
+            print(f"nvmefs: FUSE over io_uring switched on ({URING_PARAM} = Y); it stays on, for every "
+                  f"FUSE mount, until set back to N", flush=True)
+    if args.fuse_transport == "dev":
+        return "dev", None
+    on = read_enable_uring()
+    if on:
+        return "uring", None
+    why = ("this kernel has no FUSE over io_uring" if on is None else
+           f"FUSE over io_uring is off in this kernel ({URING_PARAM} = N; --enable-uring turns it on)")
+    if args.fuse_transport == "uring":
+        raise UsageError(f"--fuse-transport uring: {why}")
+    return "dev", why
 
 
 def check_mountpoint(path):
@@ -90,7 +129,14 @@ async def serve(args, transport, ready_fd=None):
     from nvmefs.fusefs import NvmeFS
     from nvmefs.lanes import Lanes, lane_cpus
 
-    lanes = Lanes(transport.arena, lane_cpus(args.lanes), spin_ns=args.spin_us * 1000)
+    fuse_transport, why = getattr(args, "fuse_transport_picked", None) or pick_fuse_transport(args)
+    cpus = lane_cpus(args.lanes)
+    depth = args.uring_depth or max(8, -(-64 // len(cpus)) + 1)
+    lanes = Lanes(transport.arena, cpus, spin_ns=args.spin_us * 1000,
+                  uring_depth=depth if fuse_transport == "uring" else 0,
+                  uring_fault=os.environ.get("NVMEFS_URING_FAULT") == "register")
+    if why:
+        print(f"nvmefs: {why}: serving /dev/fuse", flush=True)
     async with open_controller(transport, io_queues=1, queue_entries=args.queue_depth + 1,
                                polled=args.polled, spin_us=args.spin_us, owners=[lanes]) as ctrl:
         fs = NvmeFS(ctrl, lanes, direct_io=not args.page_cache, extra_stats={"fuse": fuseshim.stats})
@@ -116,6 +162,8 @@ async def serve(args, transport, ready_fd=None):
             pyfuse3.close(unmount=not state["unmounted"])
             lanes.close()
             fuseshim.close()
+    if state.get("failed"):
+        return 1
     errs = lanes.exit_errors
     if errs:
         print(f"nvmefs: error: lane(s) {sorted(errs)} failed reading /dev/fuse "
@@ -129,10 +177,30 @@ async def serve(args, transport, ready_fd=None):
 async def _serve(args, transport, fs, lanes, state, ready_fd):
     async with trio.open_nursery() as nursery:
         await nursery.start(lanes.run)
-        lanes.start(fuseshim.session_fd(), fuseshim.forwarder())
+        lanes.start(fuseshim.session_fd(), fuseshim.forwarder(), want_uring=fuseshim.want_uring)
+        pyfuse3_done = trio.Event()
+
+        async def pyfuse3_main():
+            try:
+                await pyfuse3.main(min_tasks=4, max_tasks=64)
+            finally:
+                pyfuse3_done.set()
+        nursery.start_soon(pyfuse3_main)
+        if lanes.uring_depth and not await _settle_fuse_transport(args, lanes):
+            # --fuse-transport uring, and the kernel did not take the rings:
+            # unmount the usual way (nothing is open yet), exit 1
+            state["failed"] = state["unmounted"] = True
+            detach(args.mountpoint)
+            await lanes.ended.wait()
+            fuseshim.end()
+            with trio.move_on_after(SHUTDOWN_GRACE):
+                await pyfuse3_done.wait()
+            nursery.cancel_scope.cancel()
+            return
         names = [f"{args.mountpoint.rstrip('/')}/{fs.name_of(n)}" for n in sorted(fs.ctrl.namespaces)]
         print(f"nvmefs: {transport.name} mounted on {args.mountpoint} ({lanes.count} lane"
-              f"{'s' if lanes.count > 1 else ''}): " + " ".join(names), flush=True)
+              f"{'s' if lanes.count > 1 else ''}, FUSE over {lanes.fuse_transport}): " + " ".join(names),
+              flush=True)
         if ready_fd is not None:
             os.write(ready_fd, b"ok\n")
             os.close(ready_fd)
@@ -142,14 +210,6 @@ async def _serve(args, transport, fs, lanes, state, ready_fd):
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             signal.signal(sig, lambda n, f: log.warning("shutdown in progress; signal ignored"))
         nursery.start_soon(_on_signals, args.mountpoint, lanes)
-        pyfuse3_done = trio.Event()
-
-        async def pyfuse3_main():
-            try:
-                await pyfuse3.main(min_tasks=4, max_tasks=64)
-            finally:
-                pyfuse3_done.set()
-        nursery.start_soon(pyfuse3_main)
         # the lanes end when the connection does: unmounted (or, after a
         # signal, the last open file closed, or the grace time over)
         await lanes.ended.wait()
@@ -161,6 +221,52 @@ async def _serve(args, transport, fs, lanes, state, ready_fd):
         with trio.move_on_after(SHUTDOWN_GRACE):
             await pyfuse3_done.wait()
         nursery.cancel_scope.cancel()
+
+
+async def _settle_fuse_transport(args, lanes):
+    """Once FUSE_INIT is answered: whether the kernel really serves the
+    mount on the rings, by one request of our own (a getxattr nobody has)
+    and the rings' counters -- REGISTER says nothing when it works.  One
+    line when it is not io_uring; False if --fuse-transport uring wanted it."""
+    why = lanes.uring_error
+    if why is None:
+        with trio.move_on_after(30):
+            while lanes.set.uring_state == "pending":
+                await trio.sleep(0.005)
+        if lanes.set.uring_state == "pending":
+            why = "FUSE_INIT was not answered within 30 s"
+        elif lanes.set.uring_state == "declined":
+            why = "the kernel did not offer it at FUSE_INIT"
+        else:
+            before = lanes.ring_requests()
+            with trio.move_on_after(10) as probe:
+                try:
+                    await trio.to_thread.run_sync(os.getxattr, args.mountpoint, "user.nvmefs.probe",
+                                                  abandon_on_cancel=True)
+                except OSError:
+                    pass
+            errs = [st["register_error"] for st in lanes.set.stats() if st["register_error"]]
+            if lanes.ring_requests() > before:
+                lanes.transport_seen = "io_uring"
+                return True
+            if probe.cancelled_caught and args.fuse_transport == "uring":
+                # every request of the mount waits for rings that never
+                # came; only the end of this process ends the connection
+                print("nvmefs: error: --fuse-transport uring: a request on the rings was not answered "
+                      "within 10 s", file=sys.stderr, flush=True)
+                os._exit(1)
+            if errs:
+                why = f"the kernel refused the io_uring entries ({os.strerror(-errs[0])})"
+            elif probe.cancelled_caught:
+                why = "a request on the rings was not answered within 10 s"
+            else:
+                why = "the kernel kept serving /dev/fuse"
+    lanes.transport_seen = "/dev/fuse"
+    if args.fuse_transport == "uring":
+        print(f"nvmefs: error: --fuse-transport uring: {why}", file=sys.stderr, flush=True)
+        return False
+    print(f"nvmefs: FUSE over io_uring not used: {why}; serving /dev/fuse", flush=True)
+    return True
 
 
 async def _on_signals(mountpoint, lanes):
@@ -184,6 +290,13 @@ def run_mount(args):
     args.mountpoint = os.path.abspath(args.mountpoint)
     check_mountpoint(args.mountpoint)
     check_fuse()
+    if args.background and not args.ready_fd:
+        # the daemon decides (and, with --enable-uring, switches it on): its
+        # line goes to the log the parent shows when it fails
+        pick = None
+    else:
+        pick = pick_fuse_transport(args)
+    args.fuse_transport_picked = pick
     if args.device:
         return run_mount_device(args)
     image = args.image or default_image()
@@ -220,7 +333,11 @@ def run_mount_device(args):
     try:
         # trio's one queue with its bounce pool, and the lanes' queues and
         # buffers (pinned: every byte of the arena is)
-        arena = arena_for(1) + arena_for(n, bounce_bytes=0, extra=Lanes.dma_bytes(n))
+        from nvmefs.lanes import possible_cpus
+        ring = (args.uring_depth or max(8, -(-64 // n) + 1)) \
+            if read_enable_uring() and args.fuse_transport != "dev" else 0
+        arena = arena_for(1) + arena_for(n, bounce_bytes=0,
+                                        extra=Lanes.dma_bytes(n, uring_depth=ring, ncpu=len(possible_cpus())))
         transport = open_transport(args.device, arena_size=arena)
     except (OSError, ValueError) as exc:
         raise UsageError(f"cannot open device {args.device}: {exc}") from None

@@ -1,3 +1,4 @@
+import contextlib
 import os
 import shutil
 import struct
@@ -17,6 +18,46 @@ def require(condition, what):
     if CI:
         pytest.fail(f"prerequisite missing under CI: {what}")
     pytest.skip(f"prerequisite missing: {what}")
+
+
+URING_PARAM = "/sys/module/fuse/parameters/enable_uring"
+
+
+@contextlib.contextmanager
+def enable_uring(value):
+    """The fuse module's enable_uring set to ``value`` ("Y"/"N") for the
+    block, and put back after (it is global: every FUSE mount made while it
+    is Y may use io_uring)."""
+    require(os.path.exists(URING_PARAM), f"FUSE over io_uring in this kernel ({URING_PARAM})")
+    with open(URING_PARAM) as f:
+        old = f.read().strip()
+    with open(URING_PARAM, "w") as f:
+        f.write(value)
+    try:
+        yield
+    finally:
+        with open(URING_PARAM, "w") as f:
+            f.write(old)
+
+
+@pytest.fixture(params=["dev", "uring"])
+def fuse_transport(request):
+    """Runs a mount test on each FUSE transport of the lanes: /dev/fuse, and
+    io_uring (enable_uring switched on for the test)."""
+    import mounthelp
+    if request.param == "uring":
+        with enable_uring("Y"):
+            mounthelp.FUSE_TRANSPORT["value"] = "uring"
+            try:
+                yield "uring"
+            finally:
+                mounthelp.FUSE_TRANSPORT["value"] = None
+    else:
+        mounthelp.FUSE_TRANSPORT["value"] = "dev"
+        try:
+            yield "dev"
+        finally:
+            mounthelp.FUSE_TRANSPORT["value"] = None
 
 
 @pytest.fixture

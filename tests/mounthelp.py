@@ -37,12 +37,20 @@ def nvmefs_cmd(*args):
     return [sys.executable, "-m", "nvmefs", *args]
 
 
+# the FUSE transport mounts use unless a test names one (the fuse_transport
+# fixture of conftest.py runs a test on each)
+FUSE_TRANSPORT = {"value": None}
+
+
 def start_daemon(*args, env=None):
     """`nvmefs ARGS` in the background; its output goes to files (a pipe
     nobody drains would stop a daemon that logs a lot), read by output()."""
+    if args and args[0] == "mount" and FUSE_TRANSPORT["value"] and "--fuse-transport" not in args:
+        args = (*args, "--fuse-transport", FUSE_TRANSPORT["value"])
     out, err = tempfile.TemporaryFile(mode="w+"), tempfile.TemporaryFile(mode="w+")
     proc = subprocess.Popen(nvmefs_cmd(*args), cwd=ROOT, stdout=out, stderr=err, text=True, env=env)
     proc.out_file, proc.err_file = out, err
+    proc.wants_uring = "--fuse-transport" in args and args[args.index("--fuse-transport") + 1] == "uring"
     return proc
 
 
@@ -57,10 +65,26 @@ def run_cli(*args, timeout=120, **kw):
     return subprocess.run(nvmefs_cmd(*args), capture_output=True, text=True, timeout=timeout, cwd=ROOT, **kw)
 
 
+def _wait_for_rings(proc, mnt, deadline):
+    """A mount asked for FUSE over io_uring serves on the rings, or the test
+    of that transport would pass on /dev/fuse unnoticed."""
+    import json
+    while True:
+        lanes = json.loads(os.getxattr(mnt, "user.nvmefs.stats"))["lanes"]
+        if lanes["fuse_transport"] == "io_uring":
+            return
+        if lanes["fuse_transport"] != "pending" or time.monotonic() > deadline:
+            raise AssertionError(f"{mnt}: FUSE transport {lanes['fuse_transport']}, not io_uring:\n"
+                                 f"{output(proc)}")
+        time.sleep(0.02)
+
+
 def wait_for_mount(proc, mnt, timeout=30):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if os.path.ismount(mnt):
+            if getattr(proc, "wants_uring", False):
+                _wait_for_rings(proc, mnt, deadline)
             return
         if proc.poll() is not None:
             out, err = output(proc)

@@ -33,6 +33,7 @@ def paths(tmp_path):
     return str(tmp_path / "mnt"), str(tmp_path / "disk.img")
 
 
+@pytest.mark.usefixtures("fuse_transport")
 def test_files_sizes_and_dd_roundtrip(paths, tmp_path):
     mnt, img = paths
     with mounted(mnt, img, "--size", "64M", "--namespaces", "2"):
@@ -123,6 +124,7 @@ def test_the_lanes_serve_every_data_request(paths, tmp_path, lanes):
         assert r.returncode == 0 and r.stdout.count("\n") >= 4 + lanes, r.stdout
 
 
+@pytest.mark.usefixtures("fuse_transport")
 def test_a_request_is_served_by_the_lane_of_its_cpu(paths, tmp_path):
     """A process pinned to CPU k: its requests are lane k's (the lane that
     read one of them hands it over), and no other lane serves them."""
@@ -151,6 +153,7 @@ def test_a_request_is_served_by_the_lane_of_its_cpu(paths, tmp_path):
             assert writes == [50 if i == k else 0 for i in range(len(cpus))], writes
 
 
+@pytest.mark.usefixtures("fuse_transport")
 def test_fio_verify_aligned_unaligned_and_overlapping(paths):
     """fio verify at QD16 on a 4 KiB-LBA namespace: 512-byte aligned
     writes of 512 B..64 KiB, byte-aligned 1000-byte writes (each shares its
@@ -174,6 +177,7 @@ def test_fio_verify_aligned_unaligned_and_overlapping(paths):
         assert lane_totals(st, "in_flight") == 0
 
 
+@pytest.mark.usefixtures("fuse_transport")
 def test_a_reset_during_fio_verify_loses_and_duplicates_nothing(paths):
     """Controller resets while fio verify keeps every lane busy (the model
     holds each command 20 ms, so some are at the controller at every
@@ -218,6 +222,7 @@ def test_a_reset_during_fio_verify_loses_and_duplicates_nothing(paths):
         assert lane_totals(st, "lost_to_reset") >= 3, st["lanes"]
 
 
+@pytest.mark.usefixtures("fuse_transport")
 def test_page_cache_mode_is_coherent(paths, tmp_path):
     """--page-cache: buffered fio verify, unaligned writes seen by the next
     read through the cache, and a punched hole read back as zeroes."""
@@ -247,6 +252,7 @@ def test_page_cache_mode_is_coherent(paths, tmp_path):
             assert f.read(8192) == bytes(8192)
 
 
+@pytest.mark.usefixtures("fuse_transport")
 def test_page_cache_gathers_writes_and_fsync_still_flushes(paths, tmp_path):
     """--page-cache negotiates FUSE's writeback cache: 256 buffered 4 KiB
     write() calls reach the lanes as far fewer WRITE requests, fsync ends in
@@ -352,6 +358,7 @@ def tree_sums(root):
     return sums
 
 
+@pytest.mark.usefixtures("fuse_transport")
 def test_losetup_mkfs_ext4_fsck_and_reopen(paths, tmp_path):
     require(shutil.which("losetup") and shutil.which("mkfs.ext4"), "losetup and mkfs.ext4")
     mnt, img = paths
@@ -383,6 +390,7 @@ def test_losetup_mkfs_ext4_fsck_and_reopen(paths, tmp_path):
             subprocess.run(["losetup", "-d", loop])
 
 
+@pytest.mark.usefixtures("fuse_transport")
 def test_fsync_survives_kill_9(paths):
     mnt, img = paths
     data = os.urandom(MiB)
@@ -407,6 +415,7 @@ def test_fsync_survives_kill_9(paths):
             assert f.read(MiB) == data
 
 
+@pytest.mark.usefixtures("fuse_transport")
 @pytest.mark.parametrize("how", ["SIGINT", "SIGTERM", "fusermount"])
 def test_clean_exit_on_signal_or_unmount(paths, how):
     mnt, img = paths
@@ -437,6 +446,7 @@ def test_clean_exit_on_signal_or_unmount(paths, how):
             assert f.read(8190) == b"direct" * 1365
 
 
+@pytest.mark.usefixtures("fuse_transport")
 def test_a_failed_command_fails_only_its_request(paths):
     """An unrecovered read error (DNR) on LBAs 0-15: that read gets EIO,
     the next read of other LBAs and the same read once the fault is gone
@@ -544,6 +554,7 @@ def test_the_mount_keeps_answering_while_every_lane_buffer_is_stuck(paths):
         assert ei.value.errno == errno_mod.EIO
 
 
+@pytest.mark.usefixtures("fuse_transport")
 def test_sigterm_and_lazy_unmount_while_fio_runs(paths):
     """SIGTERM, and `fusermount3 -u -z`, while fio writes at QD16: fio's
     open file keeps being served, so every write completes without an

@@ -14,6 +14,8 @@ cdef extern from "shim.h" nogil:
     void nvmefs_forward_end()
     void nvmefs_forward_close()
     void nvmefs_forward_stats(unsigned long *out)
+    void nvmefs_forward_want_uring(void (*hook)(void *, int) noexcept nogil, void *ctx)
+    int nvmefs_forward_uring_offered()
 
 import os as _os
 
@@ -47,6 +49,18 @@ def sessions():
 def forwarder():
     """(forward, forwarded): the C functions LaneSet.set_forwarder() takes."""
     return <uintptr_t>&nvmefs_forward, <uintptr_t>&nvmefs_forwarded
+
+
+def want_uring(uintptr_t hook, uintptr_t ctx):
+    """Ask for FUSE over io_uring in the FUSE_INIT answer if the kernel
+    offers it; ``hook(ctx, ok)`` (LaneSet.uring_hook()) runs once the answer
+    is written.  0, 0: never ask."""
+    nvmefs_forward_want_uring(<void (*)(void *, int) noexcept nogil>hook, <void *>ctx)
+
+
+def uring_offered():
+    """Whether the kernel's FUSE_INIT offered io_uring."""
+    return bool(nvmefs_forward_uring_offered())
 
 
 def end():

@@ -32,6 +32,7 @@ struct route {
     struct route *next;
     uint64_t unique;
     int fd;
+    uint32_t opcode;
 };
 
 #define ROUTE_BUCKETS 1024
@@ -41,6 +42,15 @@ static struct fwd *head, *tail;
 static struct route *routes[ROUTE_BUCKETS];
 static int pipe_fd[2] = {-1, -1};
 static atomic_ulong st_forwarded, st_routed, st_unrouted;
+
+/* FUSE over io_uring (the lanes' rings, _core/lane_uring.pyx): libfuse
+ * 3.14 does not know it, so its FUSE_INIT answer is amended here when the
+ * kernel offered it and the lanes asked; then the lanes are told, and
+ * register their entries (which the kernel refuses before the answer). */
+#define OVER_IO_URING_FLAGS2 (1u << 9)      /* FUSE_OVER_IO_URING: INIT flag bit 41 */
+static void (*uring_hook)(void *ctx, int ok);
+static void *uring_ctx;
+static int uring_offered;
 
 static unsigned bucket(uint64_t unique)
 {
@@ -71,6 +81,56 @@ static int needs_reply(uint32_t opcode)
     return opcode != FUSE_FORGET && opcode != FUSE_BATCH_FORGET && opcode != FUSE_INTERRUPT;
 }
 
+void nvmefs_forward_want_uring(void (*hook)(void *ctx, int ok), void *ctx)
+{
+    uring_hook = hook;
+    uring_ctx = ctx;
+}
+
+int nvmefs_forward_uring_offered(void)
+{
+    return uring_offered;
+}
+
+static void note_init(const void *req, size_t len)
+{
+    const struct fuse_init_in *ii = (const void *)((const char *)req + sizeof(struct fuse_in_header));
+    if (len < sizeof(struct fuse_in_header) + sizeof *ii)
+        return;                 /* an old kernel: no flags2 */
+    uring_offered = (ii->flags & FUSE_INIT_EXT) && (ii->flags2 & OVER_IO_URING_FLAGS2);
+}
+
+/* libfuse's answer to FUSE_INIT, asking for io_uring too when the kernel
+ * offered it; the hook learns whether it was asked (and written). */
+static ssize_t write_init_reply(int fd, struct iovec *iov, int count)
+{
+    const struct fuse_out_header *out = iov[0].iov_base;
+    struct fuse_init_out io;
+    struct iovec patched[2];
+    ssize_t n;
+    int ask = uring_hook != NULL && uring_offered && out->error == 0 && count == 2
+              && iov[1].iov_len >= offsetof(struct fuse_init_out, flags2) + sizeof io.flags2
+              && iov[1].iov_len <= sizeof io;
+    if (!ask) {
+        n = writev(fd, iov, count);
+        if (uring_hook != NULL)
+            uring_hook(uring_ctx, 0);
+        return n;
+    }
+    memset(&io, 0, sizeof io);
+    memcpy(&io, iov[1].iov_base, iov[1].iov_len);
+    io.flags |= FUSE_INIT_EXT;
+    io.flags2 |= OVER_IO_URING_FLAGS2;
+    patched[0] = iov[0];
+    patched[1].iov_base = &io;
+    patched[1].iov_len = iov[1].iov_len;
+    n = writev(fd, patched, 2);
+    /* the kernel processed the answer within the write: registering now is
+     * in order */
+    uring_hook(uring_ctx, n > 0);
+    return n;
+}
+
 int nvmefs_forward(const void *req, size_t len, int reply_fd)
 {
     const struct fuse_in_header *in = req;
@@ -88,6 +148,8 @@ int nvmefs_forward(const void *req, size_t len, int reply_fd)
         goto fail;
     }
     memcpy(mem, req, len);
+    if (in->opcode == FUSE_INIT)
+        note_init(req, len);
     f->next = NULL;
     f->mem = mem;
     f->size = len;
@@ -101,6 +163,7 @@ int nvmefs_forward(const void *req, size_t len, int reply_fd)
         unsigned b = bucket(in->unique);
         r->unique = in->unique;
         r->fd = reply_fd;
+        r->opcode = in->opcode;
         r->next = routes[b];
         routes[b] = r;
     }
@@ -203,6 +266,7 @@ ssize_t nvmefs_forward_writev(int fd, struct iovec *iov, int count, void *userda
     /* an interrupt's reply (odd unique) belongs to its request's channel */
     uint64_t unique = out->unique & ~(uint64_t)1;
     struct route **rp, *r = NULL;
+    uint32_t opcode = 0;
     (void)userdata;
     if (out->unique != 0) {         /* 0: a notification, any channel takes it */
         int routed = 0;
@@ -211,6 +275,7 @@ ssize_t nvmefs_forward_writev(int fd, struct iovec *iov, int count, void *userda
             if ((*rp)->unique != unique)
                 continue;
             fd = (*rp)->fd;
+            opcode = (*rp)->opcode;
             routed = 1;
             if (unique == out->unique) {    /* the request's own reply: the route is done */
                 r = *rp;
@@ -222,6 +287,8 @@ ssize_t nvmefs_forward_writev(int fd, struct iovec *iov, int count, void *userda
         free(r);
         atomic_fetch_add(routed ? &st_routed : &st_unrouted, 1);
     }
+    if (opcode == FUSE_INIT && unique == out->unique)
+        return write_init_reply(fd, iov, count);
     return writev(fd, iov, count);
 }
 
@@ -231,6 +298,10 @@ void nvmefs_forward_close(void)
     struct route *r;
     int i;
     pthread_mutex_lock(&mu);
+    /* the lanes it would call are gone with the mount */
+    uring_hook = NULL;
+    uring_ctx = NULL;
+    uring_offered = 0;
     while ((f = head) != NULL) {
         head = f->next;
         free(f->mem);

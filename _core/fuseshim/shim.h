@@ -55,6 +55,12 @@ int nvmefs_forward_fd(void);
 int nvmefs_forward_take(struct fuse_buf *buf);
 ssize_t nvmefs_forward_writev(int fd, struct iovec *iov, int count, void *userdata);
 void nvmefs_forward_close(void);
+/* FUSE over io_uring: when the kernel offers it, the FUSE_INIT answer asks
+ * for it and hook(ctx, 1) runs once it is written (hook(ctx, 0): not asked);
+ * hook NULL: never asked */
+void nvmefs_forward_want_uring(void (*hook)(void *ctx, int ok), void *ctx);
+/* whether the kernel's FUSE_INIT offered io_uring (enable_uring=Y) */
+int nvmefs_forward_uring_offered(void);
 /* forwarded, replies routed, replies with no route (sent on the session fd) */
 void nvmefs_forward_stats(unsigned long *out);
 
