@@ -15,6 +15,7 @@ FSYNC in C without the GIL.  trio talks to the lanes only by message:
 
 Nothing here runs per request.
 """
+import errno
 import logging
 import os
 
@@ -120,6 +121,7 @@ class Lanes:
         self.queues = []
         self.exited = set()
         self.exit_errors = {}
+        self.aborted = False        # the kernel aborted the FUSE connection
         self.ended = trio.Event()
         self.started = False
         self.stopped_early = False  # stop() ended the lanes while the connection was up
@@ -270,7 +272,12 @@ class Lanes:
             kind, lane, qid, cid, opcode, status, attempt, err, nsid, lba, nlb, unique, gen, fuse_op = ev
             if kind == "exit":
                 self.exited.add(lane)
-                if err:
+                if err == -errno.ECONNABORTED:
+                    # the kernel ended the connection (an abort through
+                    # fusectl, and seen once here at the end of a lazy
+                    # unmount): like ENODEV, the mount is gone; say so
+                    self.aborted = True
+                elif err:
                     self.exit_errors[lane] = err
                     log.error("lane %d stopped reading /dev/fuse: %s", lane, os.strerror(-err))
             elif kind in ("error", "retry"):

@@ -170,6 +170,9 @@ async def serve(args, transport, ready_fd=None):
               f"({os.strerror(-next(iter(errs.values())))}); {args.mountpoint} unmounted, controller shut down",
               file=sys.stderr, flush=True)
         return 1
+    if lanes.aborted:
+        print("nvmefs: warning: the kernel aborted the FUSE connection (requests it still held got "
+              "ECONNABORTED)", flush=True)
     print(f"nvmefs: {args.mountpoint} unmounted, controller shut down cleanly", flush=True)
     return 0
 
