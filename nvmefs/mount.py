@@ -302,7 +302,9 @@ def run_mount(args):
     args.fuse_transport_picked = pick
     if args.device:
         return run_mount_device(args)
-    image = args.image or default_image()
+    # absolute: the transport's name carries it, and `nvmefs <verb>` run from
+    # another directory finds this mount by it (cli.mount_serving)
+    image = os.path.abspath(args.image or default_image())
     create = check_image(image, args.size, args.lba_size, create=True)
     if args.background and not args.ready_fd:
         return spawn_background(args)
