@@ -80,6 +80,13 @@ def uring_plan(lane_cpu_list, cpus, depth):
     return plan
 
 
+def requests_per_lane(count):
+    """DMA buffers (requests in flight) per lane for ``count`` lanes: the
+    background requests shared out, and one to read into; also the default
+    io_uring depth of a lane's CPU queue."""
+    return max(8, -(-BACKGROUND // count) + 1)
+
+
 def lane_cpus(count=None):
     """The CPUs of the lanes: one lane per CPU this process may run on, or
     ``count`` lanes spread over them (lane i on the i-th, wrapping)."""
@@ -150,7 +157,7 @@ class Lanes:
             if n < self.wants:
                 log.warning("the controller granted %d I/O queue(s) for %d lanes: running %d lanes",
                             n, self.wants, n)
-            per = max(8, -(-BACKGROUND // n) + 1)
+            per = requests_per_lane(n)
             lba = max([ns.lba_size for ns in ctrl.namespaces.values()] + [4096])
             self.set = _core.LaneSet(self.arena, self.cpus[:n], per, max_write=self.max_write, max_lba=lba)
             crdt = ctrl.id_ctrl.get("crdt", (0, 0, 0))
@@ -336,7 +343,7 @@ class Lanes:
         """DMA memory ``count`` lanes take (VFIO pins it all), with ring
         entries of ``uring_depth`` on each lane's CPU queue and SPARE_DEPTH
         on the rest of the ``ncpu`` possible CPUs' queues."""
-        per = max(8, -(-BACKGROUND // count) + 1)
+        per = requests_per_lane(count)
         stride = -(-(4096 + max_write + 4 * max_lba) // 4096) * 4096
         entries = uring_depth * count + SPARE_DEPTH * max(ncpu - count, 0) if uring_depth else 0
         return count * per * stride + entries * (stride + 2 * 4096) + (1 << 20)

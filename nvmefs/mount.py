@@ -127,11 +127,11 @@ class _GoneReplies(logging.Filter):
 async def serve(args, transport, ready_fd=None):
     from nvmefs.controller import open_controller
     from nvmefs.fusefs import NvmeFS
-    from nvmefs.lanes import Lanes, lane_cpus
+    from nvmefs.lanes import Lanes, lane_cpus, requests_per_lane
 
     fuse_transport, why = getattr(args, "fuse_transport_picked", None) or pick_fuse_transport(args)
     cpus = lane_cpus(args.lanes)
-    depth = args.uring_depth or max(8, -(-64 // len(cpus)) + 1)
+    depth = args.uring_depth or requests_per_lane(len(cpus))
     lanes = Lanes(transport.arena, cpus, spin_ns=args.spin_us * 1000,
                   uring_depth=depth if fuse_transport == "uring" else 0,
                   uring_fault=os.environ.get("NVMEFS_URING_FAULT") == "register")
@@ -329,7 +329,7 @@ def run_mount(args):
 
 def run_mount_device(args):
     """``nvmefs mount --device vfio:BDF MOUNTPOINT``: no image to check or create."""
-    from nvmefs.lanes import Lanes, lane_cpus
+    from nvmefs.lanes import Lanes, lane_cpus, possible_cpus, requests_per_lane
     from nvmefs.vfio import arena_for, open_transport
 
     if args.background and not args.ready_fd:
@@ -338,8 +338,7 @@ def run_mount_device(args):
     try:
         # trio's one queue with its bounce pool, and the lanes' queues and
         # buffers (pinned: every byte of the arena is)
-        from nvmefs.lanes import possible_cpus
-        ring = (args.uring_depth or max(8, -(-64 // n) + 1)) \
+        ring = (args.uring_depth or requests_per_lane(n)) \
             if read_enable_uring() and args.fuse_transport != "dev" else 0
         arena = arena_for(1) + arena_for(n, bounce_bytes=0,
                                         extra=Lanes.dma_bytes(n, uring_depth=ring, ncpu=len(possible_cpus())))
