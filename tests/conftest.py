@@ -19,6 +19,19 @@ def require(condition, what):
     pytest.skip(f"prerequisite missing: {what}")
 
 
+def require_root_fuse():
+    """What a real mount needs: root (loop devices, mount), /dev/fuse, fusermount3."""
+    import shutil
+    require(os.geteuid() == 0, "root")
+    require(os.path.exists("/dev/fuse"), "/dev/fuse")
+    require(shutil.which("fusermount3"), "fusermount3 (package fuse3)")
+
+
+@pytest.fixture
+def root_fuse():
+    require_root_fuse()
+
+
 URING_PARAM = "/sys/module/fuse/parameters/enable_uring"
 
 

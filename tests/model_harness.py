@@ -263,3 +263,24 @@ def status_of(c):
     """(sct, sc, dnr) of a completion, as decode_status sees it."""
     info = _core.decode_status(c.status)
     return info.sct, info.sc, info.dnr
+
+
+class _NoKick:
+    """A real controller (QEMU's, over VFIO) needs no wake-up after doorbells."""
+
+    @staticmethod
+    def kick():
+        pass
+
+
+def bring_up(model, arena, regs):
+    """A raw host on ``model`` (None: a real controller behind ``regs``),
+    reset and brought up with one polled I/O queue pair, qid 1 (64 entries)."""
+    h = Host(model or _NoKick(), arena, regs)
+    regs.write32(REG_CC, 0)
+    h.wait_csts(1, 0, timeout=10)
+    h.enable()
+    c = h.admin(0x09, cdw10=0x07, cdw11=0)          # Number of Queues: 1 + 1
+    assert c.status == 0, c
+    h.create_io(1, entries=64, ien=False)
+    return h

@@ -1,6 +1,7 @@
 """Helpers that run a real `nvmefs mount` daemon (pyfuse3 test/util.py habit:
 wait for the mount, fail if the daemon died, always unmount in finally)."""
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -65,12 +66,16 @@ def run_cli(*args, timeout=120, **kw):
     return subprocess.run(nvmefs_cmd(*args), capture_output=True, text=True, timeout=timeout, cwd=ROOT, **kw)
 
 
+def stats(mnt):
+    """What `nvmefs stats --json` prints for the mount at ``mnt``."""
+    return json.loads(os.getxattr(mnt, "user.nvmefs.stats"))
+
+
 def _wait_for_rings(proc, mnt, deadline):
     """A mount asked for FUSE over io_uring serves on the rings, or the test
     of that transport would pass on /dev/fuse unnoticed."""
-    import json
     while True:
-        lanes = json.loads(os.getxattr(mnt, "user.nvmefs.stats"))["lanes"]
+        lanes = stats(mnt)["lanes"]
         if lanes["fuse_transport"] == "io_uring":
             return
         if lanes["fuse_transport"] != "pending" or time.monotonic() > deadline:

@@ -4,7 +4,6 @@ writes.  After a remount every fsync'd block reads back, no LBA is torn
 records the unsafe shutdown."""
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -12,7 +11,7 @@ import time
 
 import pytest
 
-from conftest import require
+from conftest import require_root_fuse
 from mounthelp import mounted, run_cli, start_daemon, wait_for_mount
 
 MiB = 1 << 20
@@ -55,9 +54,7 @@ except OSError:
 
 @pytest.fixture(autouse=True)
 def prerequisites():
-    require(os.geteuid() == 0, "root")
-    require(os.path.exists("/dev/fuse"), "/dev/fuse")
-    require(shutil.which("fusermount3"), "fusermount3 (package fuse3)")
+    require_root_fuse()
 
 
 def unsafe_shutdowns(img):

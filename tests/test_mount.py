@@ -14,8 +14,8 @@ import time
 
 import pytest
 
-from conftest import require
-from mounthelp import (mounted, nvmefs_cmd, output, read_only_copy, run_cli, sh, start_daemon, stop,
+from conftest import require, require_root_fuse
+from mounthelp import (mounted, nvmefs_cmd, output, read_only_copy, run_cli, sh, start_daemon, stats, stop,
                        wait_for_mount, ROOT)
 
 MiB = 1 << 20
@@ -23,9 +23,7 @@ MiB = 1 << 20
 
 @pytest.fixture(autouse=True)
 def prerequisites():
-    require(os.geteuid() == 0, "root")
-    require(os.path.exists("/dev/fuse"), "/dev/fuse")
-    require(shutil.which("fusermount3"), "fusermount3 (package fuse3)")
+    require_root_fuse()
 
 
 @pytest.fixture
@@ -59,10 +57,6 @@ def test_files_sizes_and_dd_roundtrip(paths, tmp_path):
             assert f.write(b"xyz") == 2, "a write over the end is cut at the end"
             with pytest.raises(OSError):
                 f.truncate(16 * MiB)
-
-
-def stats(mnt):
-    return json.loads(os.getxattr(mnt, "user.nvmefs.stats"))
 
 
 def lane_totals(st, key):

@@ -5,25 +5,16 @@ and the bad cases (one line, a non-zero exit, nothing lost)."""
 import hashlib
 import json
 import os
-import shutil
 import struct
 
 import pytest
 import trio
 
-from conftest import require
-from mounthelp import mounted, run_cli, sh
+from mounthelp import mounted, run_cli, sh, stats
 from nvmefs.controller import ADM_NS_ATTACH, open_controller
 from nvmefs.transport import ModelTransport
 
 MiB = 1 << 20
-
-
-@pytest.fixture
-def root_fuse():
-    require(os.geteuid() == 0, "root")
-    require(os.path.exists("/dev/fuse"), "/dev/fuse")
-    require(shutil.which("fusermount3"), "fusermount3 (package fuse3)")
 
 
 def cli(*args):
@@ -42,10 +33,6 @@ def fails(rc_want, *args):
     assert rc == rc_want, f"nvmefs {' '.join(args)} exited {rc}, not {rc_want}: {out} {err}"
     assert len(err.splitlines()) == 1 and err.startswith("nvmefs") and " error: " in err, err
     return err
-
-
-def stats(mnt):
-    return json.loads(os.getxattr(mnt, "user.nvmefs.stats"))
 
 
 def digest(path, nbytes):

@@ -18,13 +18,6 @@ MiB = 1 << 20
 FIRST = b"first bytes are the user's"
 
 
-@pytest.fixture
-def root_fuse():
-    require(os.geteuid() == 0, "root")
-    require(os.path.exists("/dev/fuse"), "/dev/fuse")
-    require(shutil.which("fusermount3"), "fusermount3 (package fuse3)")
-
-
 def test_a_raw_image_is_served_as_it_is_and_written_in_place(root_fuse, tmp_path):
     raw = tmp_path / "disk.raw"
     ref = bytearray(os.urandom(8 * MiB + 512))      # not a multiple of 4 KiB: 512-byte LBAs serve it all

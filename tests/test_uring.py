@@ -4,7 +4,6 @@ CPU, the fallbacks (the feature off, a REGISTER the kernel refuses), and
 that killing the daemon under load on the rings leaves nothing stuck.
 The e2e set (dd, fio verify, buffered, ext4 on loop, signals, kill -9) runs
 on both transports in test_mount.py (the fuse_transport fixture)."""
-import json
 import os
 import shutil
 import subprocess
@@ -12,8 +11,8 @@ import time
 
 import pytest
 
-from conftest import enable_uring, require
-from mounthelp import mounted, output, run_cli, sh, start_daemon, stop, wait_for_mount
+from conftest import enable_uring, require, require_root_fuse
+from mounthelp import mounted, output, run_cli, sh, start_daemon, stats, stop, wait_for_mount
 from nvmefs.lanes import possible_cpus
 
 MiB = 1 << 20
@@ -21,13 +20,7 @@ MiB = 1 << 20
 
 @pytest.fixture(autouse=True)
 def prerequisites():
-    require(os.geteuid() == 0, "root")
-    require(os.path.exists("/dev/fuse"), "/dev/fuse")
-    require(shutil.which("fusermount3"), "fusermount3 (package fuse3)")
-
-
-def stats(mnt):
-    return json.loads(os.getxattr(mnt, "user.nvmefs.stats"))
+    require_root_fuse()
 
 
 def daemon_line(proc, needle, timeout=30):

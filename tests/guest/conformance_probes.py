@@ -9,8 +9,7 @@ host).  Differences not listed in DEVIATIONS fail the test.
 """
 import struct
 
-from model_harness import (BIT_BUCKET, DATA, LAST_SEGMENT, PAGE, SEGMENT, Host, sgl_desc, sqe,
-                           status_of)
+from model_harness import BIT_BUCKET, DATA, LAST_SEGMENT, PAGE, SEGMENT, bring_up, sgl_desc, sqe, status_of
 
 MiB = 1 << 20
 MDTS_BYTES = 4 * MiB            # the lab's QEMU runs with mdts=10; the model side too
@@ -371,24 +370,10 @@ def _(h, ns):
 
 # -- the runner -------------------------------------------------------------------------
 
-class _NoKick:
-    """A real controller needs no wake-up after doorbells."""
-
-    @staticmethod
-    def kick():
-        pass
-
-
 def run_probes(model, arena, regs):
     """Bring the controller up with one I/O queue pair (polled) and run every
     probe; returns [(name, (sct, sc) or 'error text')]."""
-    h = Host(model or _NoKick(), arena, regs)
-    regs.write32(0x14, 0)
-    h.wait_csts(1, 0, timeout=10)
-    h.enable()
-    c = h.admin(0x09, cdw10=0x07, cdw11=0)          # Number of Queues: 1 + 1
-    assert c.status == 0, c
-    h.create_io(1, entries=64, ien=False)
+    h = bring_up(model, arena, regs)
     ns_blocks, = struct.unpack_from("<Q", h.identify(0, 1), 0)
     out = []
     for name, fn in PROBES:

@@ -37,21 +37,13 @@ import time
 
 from nvmefs import _core
 
-from model_harness import LAST_SEGMENT, PAGE, SEGMENT, Host, Timeout, sgl_desc, sqe, status_of
+from model_harness import LAST_SEGMENT, PAGE, SEGMENT, Timeout, bring_up, sgl_desc, sqe, status_of
 from refcheck import coalesce, walk_prp, walk_sgl
 
 MiB = 1 << 20
 IO_WRITE, IO_READ = 0x01, 0x02
 DTE = (0, 0x04)
 SUCCESS = (0, 0x00)
-
-
-class NoKick:
-    """A real controller needs no wake-up after doorbells."""
-
-    @staticmethod
-    def kick():
-        pass
 
 
 # -- the guest kernel's log: DMAR faults ----------------------------------------------
@@ -278,18 +270,6 @@ class Buffers:
 
     def canary_intact(self, arena):
         return arena.read(self.canary.iova, 4 * PAGE) == self.canary_bytes
-
-
-def bring_up(model, arena, regs):
-    """Reset the controller and bring it up with one polled I/O queue pair."""
-    h = Host(model or NoKick(), arena, regs)
-    regs.write32(0x14, 0)
-    h.wait_csts(1, 0, timeout=10)
-    h.enable()
-    c = h.admin(0x09, cdw10=0x07, cdw11=0)          # Number of Queues: 1 + 1
-    assert c.status == 0, c
-    h.create_io(1, entries=64, ien=False)
-    return h
 
 
 def verified_io(h, seed):

@@ -37,7 +37,7 @@ import random
 import struct
 
 import fuzz_model
-from model_harness import PAGE, Host, Timeout, sqe
+from model_harness import PAGE, Timeout, bring_up, sqe
 
 MiB = 1 << 20
 SEEDS = (11, 12, 13)
@@ -606,13 +606,7 @@ class Target:
 
     def __init__(self, name, model, arena, regs):
         self.name, self.arena, self.regs = name, arena, regs
-        h = self.h = Host(model or _NoKick(), arena, regs)
-        regs.write32(0x14, 0)
-        h.wait_csts(1, 0, timeout=10)
-        h.enable()
-        c = h.admin(0x09, cdw10=0x07, cdw11=0)
-        assert c.status == 0, c
-        h.create_io(1, entries=64, ien=False)
+        h = self.h = bring_up(model, arena, regs)
         # lists below the data: no transfer from a data address reaches them;
         # the data region holds a transfer of MDTS from its last page, so no
         # command the controllers accept reaches the sentinel after it
@@ -679,12 +673,6 @@ class Target:
             self.h.disable()
         except Timeout:
             pass
-
-
-class _NoKick:
-    @staticmethod
-    def kick():
-        pass
 
 
 def run(qemu_transport, model_transport, seeds=SEEDS, steps=STEPS):
