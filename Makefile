@@ -7,7 +7,7 @@
 VENV    ?= .venv
 PY      := $(VENV)/bin/python
 PYTHON  ?= python3
-SYSPKGS := fuse3 libfuse3-dev liburing-dev pkg-config fio e2fsprogs util-linux \
+SYSPKGS := fuse3 libfuse3-dev liburing-dev libisal-dev pkg-config fio e2fsprogs util-linux \
            qemu-system-x86 busybox-static kmod cpio
 SUDO    := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PYTEST_ARGS ?=

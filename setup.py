@@ -49,7 +49,7 @@ def core_extension(name, pyx, libraries=()):
 # The driver core, and apart from it the device side (software controller,
 # echo device, bench loops), which sees the core only through nvmefs/_core.pxd.
 # The lanes' FUSE over io_uring uses liburing (Debian's liburing-dev).
-core = core_extension("nvmefs._core", "_core.pyx", libraries=["uring"])
+core = core_extension("nvmefs._core", "_core.pyx", libraries=["uring", "isal"])
 model = core_extension("nvmefs._model", "_model.pyx")
 
 

@@ -121,7 +121,10 @@ cdef class QueuePair:
             return idx
         t = self.cids.get(idx)
         if nseg:
-            if mode == DPTR_AUTO:
+            if self.sgl_only:
+                # NVMe over Fabrics: SGLs for every command, admin ones too
+                how = USE_SGL
+            elif mode == DPTR_AUTO:
                 how = choose_dptr(self.sgls, segs, nseg, self.page_size, self.qid == 0, is_read,
                                   self.sgl_threshold)
                 if how < 0:

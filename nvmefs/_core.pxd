@@ -311,6 +311,7 @@ cdef class QueuePair:
     cdef readonly uint32_t max_transfer
     cdef public uint32_t sgls
     cdef public uint32_t sgl_threshold
+    cdef public bint sgl_only          # a fabrics transport: every command's data by SGL
     cdef nvme_cqe *out_cqe
     cdef uint64_t *out_user
     cdef dma_seg *py_segs
