@@ -150,6 +150,10 @@ cdef class QueuePair:
                 self.sgl_commands += 1
             else:
                 self.prp_commands += 1
+        elif self.sgl_only:
+            # no data: an empty SGL Data Block (a fabrics command has no PRPs)
+            sgl_set(<nvme_sgl_desc *>&cmd.dptr[0], 0, 0, NVME_SGL_DATA_BLOCK)
+            cmd.flags = (cmd.flags & 0x3f) | NVME_PSDT_SGL
         cmd.cid = t.cid
         t.user = user
         t.opc = cmd.opc

@@ -52,7 +52,8 @@ def run_local(device, qds, bs, seconds):
     from nvmefs.transport import ModelTransport
 
     if device.startswith("vfio:"):
-        from nvmefs.vfio import find_nvme_functions, open_transport
+        from nvmefs.transport import open_transport
+        from nvmefs.vfio import find_nvme_functions
         bdf = device[5:] if device != "vfio:auto" else find_nvme_functions()[0]
         t = open_transport("vfio:" + bdf, arena_size=96 << 20)
     else:

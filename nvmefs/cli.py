@@ -9,7 +9,8 @@ import sys
 
 from nvmefs import __version__
 from nvmefs.admin import FEATURES
-from nvmefs.errors import UsageError, unwrap
+from nvmefs.errors import ConnectFailed, UsageError, os_text, unwrap
+from nvmefs.tcp_url import is_tcp, tcp_options
 
 # the mount's root attributes (nvmefs/fusefs.py)
 STATS_XATTR = "user.nvmefs.stats"
@@ -39,6 +40,18 @@ def positive(text):
     if v <= 0:
         raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
     return v
+
+
+def float_range(lo, hi):
+    def parse(text):
+        try:
+            v = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if not lo <= v <= hi:
+            raise argparse.ArgumentTypeError(f"{text} is outside {lo:g}..{hi:g}")
+        return v
+    return parse
 
 
 def int_range(lo, hi):
@@ -81,10 +94,12 @@ def with_controller(args, fn):
     from nvmefs.transport import ModelTransport
 
     if getattr(args, "device", None):
-        from nvmefs.vfio import open_transport
+        from nvmefs.transport import open_transport
         try:
-            t = open_transport(args.device)
+            t = open_transport(args.device, tcp_options=tcp_options(args))
         except (OSError, ValueError) as exc:
+            if is_tcp(args.device) and isinstance(exc, OSError):
+                raise ConnectFailed(f"cannot connect to {args.device}: {os_text(exc)}") from None
             # held by another process (a mount's controller), not merely unbound or not viable
             held = getattr(exc, "errno", None) == errno.EBUSY and "in use" in str(exc)
             raise (BusyImage if held else UsageError)(f"cannot open device {args.device}: {exc}") from None
@@ -125,7 +140,10 @@ def mount_serving(args):
     """The mountpoint of the running mount whose controller is the one
     ``args`` names (its image or device), or None."""
     from nvmefs.image import default_image
-    if getattr(args, "device", None):
+    if is_tcp(getattr(args, "device", None)):
+        from nvmefs.tcp_url import canonical_url
+        want = ("nvme-tcp", canonical_url(args.device).removeprefix("nvme-tcp:"))
+    elif getattr(args, "device", None):
         want = ("vfio", args.device.removeprefix("vfio:"))
     else:
         want = ("model", os.path.realpath(args.image or default_image()))
@@ -431,6 +449,34 @@ def cmd_selfcheck(args):
     return 0 if ok else 1
 
 
+def cmd_discover(args):
+    from nvmefs.tcp import discover
+    try:
+        gen, entries = discover(args.traddr, args.trsvcid, hostnqn=args.hostnqn, hostid=args.hostid,
+                                hdr_digest=bool(args.hdr_digest), data_digest=bool(args.data_digest))
+    except OSError as exc:
+        raise ConnectFailed(f"discovery at {args.traddr}:{args.trsvcid} failed: {os_text(exc)}") from None
+    if args.output == "json":
+        print(json.dumps({"genctr": gen, "records": entries}, indent=2))
+        return 0
+    print(f"Discovery Log Number of Records {len(entries)}, Generation counter {gen}")
+    for i, e in enumerate(entries):
+        print(f"=====Discovery Log Entry {i}======")
+        for k in ("trtype", "adrfam", "subtype", "treq", "portid", "trsvcid", "subnqn", "traddr"):
+            print(f"{k + ':':9}{e[k]}")
+    subsystems = [e for e in entries if e["subtype"] == "nvme subsystem"]
+    if subsystems:
+        e = subsystems[0]
+        host = f"[{args.traddr}]" if ":" in args.traddr else args.traddr
+        # served on the port that answered this discovery: that port (which
+        # may be forwarded), not the number the target knows it by
+        same = any(d["subtype"] == "current discovery subsystem" and d["trsvcid"] == e["trsvcid"]
+                   for d in entries)
+        print(f"mount one with: nvmefs mount MOUNTPOINT --device "
+              f"nvme-tcp://{host}:{args.trsvcid if same else e['trsvcid']}/{e['subnqn']}")
+    return 0
+
+
 def cmd_mount(args):
     from nvmefs.mount import run_mount
     return run_mount(args)
@@ -453,10 +499,37 @@ def build_parser():
     ap.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
     sub = ap.add_subparsers(dest="command", metavar="COMMAND")
 
+    def fabrics_opts(p, discovery=False):
+        g = p.add_argument_group("NVMe over TCP (nvme-cli's option names)")
+        g.add_argument("--hostnqn", metavar="NQN", help="host NQN (default /etc/nvme/hostnqn, else one "
+                                                        "derived from the machine id)")
+        g.add_argument("--hostid", metavar="UUID", help="host identifier (default /etc/nvme/hostid, "
+                                                        "else derived from the machine id)")
+        g.add_argument("--hdr-digest", action="store_true", default=None, help="CRC32C header digests")
+        g.add_argument("--data-digest", action="store_true", default=None, help="CRC32C data digests")
+        if discovery:
+            return
+        g.add_argument("--nr-io-queues", type=int_range(1, 64), default=None, metavar="N",
+                       help="at most N I/O queues, each its own TCP connection (default: as many as "
+                            "the queue owners want)")
+        g.add_argument("--keep-alive-tmo", type=float_range(1, 3600), default=None, metavar="S",
+                       help="keep-alive timeout (default 5 s): Keep Alive every S/2, no answer within S "
+                            "means the target is gone")
+        g.add_argument("--reconnect-delay", type=float_range(0.1, 3600), default=None, metavar="S",
+                       help="after a lost connection, try a new one every S seconds (default 10)")
+        g.add_argument("--ctrl-loss-tmo", type=float_range(0, 86400), default=None, metavar="S",
+                       help="give up reconnecting (requests then fail with EIO) S seconds after the loss "
+                            "(default 600)")
+        g.add_argument("--disable-sqflow", action="store_true", default=None,
+                       help="ask the target to disable SQ flow control (it may then end reads with "
+                            "C2HData SUCCESS instead of a response capsule)")
+
     def device_opt(p):
-        p.add_argument("--device", metavar="vfio:BDF",
-                       help="a PCIe NVMe controller bound to vfio-pci, e.g. vfio:0000:03:00.0 "
-                            "(instead of the built-in controller on --image)")
+        p.add_argument("--device", metavar="DEVICE",
+                       help="instead of the built-in controller on --image: vfio:BDF (a PCIe NVMe "
+                            "controller bound to vfio-pci, e.g. vfio:0000:03:00.0) or "
+                            "nvme-tcp://HOST[:PORT]/SUBNQN (a subsystem of an NVMe/TCP target)")
+        fabrics_opts(p)
 
     def image_opt(p, force=False):
         p.add_argument("--image", metavar="PATH", help="controller image (default: the default image)")
@@ -593,6 +666,17 @@ def build_parser():
     p.add_argument("--preallocate", action="store_true",
                    help="allocate every block now (with a progress bar) instead of a sparse file")
     p.set_defaults(func=cmd_create_image)
+    p = sub.add_parser("discover", help="list the subsystems an NVMe over Fabrics target offers",
+                       description="Connect to the target's discovery controller and print its "
+                                   "discovery log (log page 70h).")
+    p.add_argument("-t", "--transport", choices=("tcp",), default="tcp")
+    p.add_argument("-a", "--traddr", required=True, metavar="HOST", help="the target's address")
+    p.add_argument("-s", "--trsvcid", type=int_range(1, 65535), default=8009, metavar="PORT",
+                   help="the target's discovery port (default 8009; Linux nvmet often uses 4420)")
+    fabrics_opts(p, discovery=True)
+    p.add_argument("-o", "--output-format", dest="output", choices=("normal", "json"), default="normal")
+    p.add_argument("--json", dest="output", action="store_const", const="json")
+    p.set_defaults(func=cmd_discover)
     p = sub.add_parser("stats", help="live per-queue counters of a running mount")
     p.add_argument("mountpoint", metavar="MOUNTPOINT")
     p.add_argument("-o", "--output-format", dest="output", choices=("normal", "json"), default="normal")

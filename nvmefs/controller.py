@@ -47,7 +47,7 @@ CC_SHN_NORMAL = 1 << 14
 CSTS_RDY, CSTS_CFS = 1, 2
 CSTS_SHST_MASK, CSTS_SHST_DONE = 0xC, 0x8
 
-ADM_DELETE_SQ, ADM_CREATE_SQ, ADM_GET_LOG, ADM_DELETE_CQ, ADM_CREATE_CQ = 0x00, 0x01, 0x02, 0x04, 0x05
+ADM_GET_LOG = 0x02
 ADM_IDENTIFY, ADM_ABORT, ADM_SET_FEATURES, ADM_GET_FEATURES, ADM_FORMAT = 0x06, 0x08, 0x09, 0x0A, 0x80
 # Commands Supported and Effects entry bits (log page 05h)
 EFFECTS_CSUPP, EFFECTS_LBCC, EFFECTS_NCC, EFFECTS_NIC = 1 << 0, 1 << 1, 1 << 2, 1 << 3
@@ -80,6 +80,8 @@ def parse_identify_controller(raw):
         "tnvmcap": int.from_bytes(raw[280:296], "little"), "unvmcap": int.from_bytes(raw[296:312], "little"),
         # Command Retry Delay Times, 100 ms units (a status's CRD picks one)
         "crdt": struct.unpack_from("<HHH", raw, 134),
+        # fabrics: I/O queue capsule size (16-byte units) and where in-capsule data starts
+        "ioccsz": struct.unpack_from("<I", raw, 1792)[0], "icdoff": struct.unpack_from("<H", raw, 1798)[0],
     }
 
 
@@ -152,7 +154,7 @@ class Controller:
     # -- registers ---------------------------------------------------------------
 
     async def _wait_csts(self, want_rdy, what):
-        deadline = trio.current_time() + max(self.cap_to, 0.5)
+        deadline = trio.current_time() + max(self.cap_to, 0.5) + self.transport.ready_grace
         delay = 0.0005
         while True:
             csts = self.transport.read32(REG_CSTS)
@@ -161,7 +163,8 @@ class Controller:
             if (csts & CSTS_RDY) == want_rdy:
                 return csts
             if want_rdy and csts & CSTS_CFS:
-                raise ControllerError(f"{self.transport.name}: controller fatal status while {what}")
+                why = self.transport.fault_reason()
+                raise ControllerError(f"{self.transport.name}: " + (why or f"controller fatal status while {what}"))
             if trio.current_time() > deadline:
                 raise ControllerError(f"{self.transport.name}: controller did not {what} within "
                                       f"CAP.TO ({self.cap_to:.1f} s)")
@@ -217,11 +220,7 @@ class Controller:
                 q = IoQueue(t, qid, entries, max_transfer=self.max_transfer, sgls=self.sgls,
                             polled=self.polled, bounce_bytes=owner.bounce_bytes, spin_ns=self.spin_ns)
                 q.owner = owner.name
-                ien = 0 if self.polled else 1
-                await self.admin(ADM_CREATE_CQ, cdw10=qid | ((entries - 1) << 16),
-                                 cdw11=1 | (ien << 1) | (qid << 16), prp1=q.qp.cq_iova)
-                await self.admin(ADM_CREATE_SQ, cdw10=qid | ((entries - 1) << 16),
-                                 cdw11=1 | (qid << 16), prp1=q.qp.sq_iova)
+                await t.create_io_queue(self, q, 0 if self.polled else 1)
                 if self.dbbuf_active:
                     q.qp.set_shadow(*self._dbbuf, self.dstrd)
                 mine.append(q)
@@ -714,8 +713,7 @@ class Controller:
                 for owner in self.owners[1:]:
                     await owner.quiesce()
                 for q in reversed(self.queues):
-                    await self.admin(ADM_DELETE_SQ, cdw10=q.qid)
-                    await self.admin(ADM_DELETE_CQ, cdw10=q.qid)
+                    await t.delete_io_queue(self, q)
             cc = t.read32(REG_CC)
             t.write32(REG_CC, (cc & ~(3 << 14)) | CC_SHN_NORMAL)
             deadline = trio.current_time() + max(self.cap_to, 1.0)
@@ -736,7 +734,9 @@ class Controller:
     def stats(self):
         # generation: one more each time the controller is brought up (a
         # reset has finished when it moves)
-        return {"transport": self.transport.name, "resets": self.resets, "generation": self.generation,
+        extra = self.transport.stats()
+        return {"transport": self.transport.name, **({"transport_stats": extra} if extra else {}),
+                "resets": self.resets, "generation": self.generation,
                 "ready": self.ready.is_set(), "async_events": self.async_events, "rescans": self.rescans,
                 "errors_by_status": dict(self.errors_by_status),
                 "queues": [q.stats() for q in self._all_queues()]}

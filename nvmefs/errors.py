@@ -57,6 +57,15 @@ def opcode_name(opcode: int, *, admin: bool = False) -> str:
     return name if name is not None else f"opcode 0x{opcode:02X}"
 
 
+def os_text(exc):
+    """An OSError's message without the "[Errno N]" prefix."""
+    return exc.strerror if isinstance(exc, OSError) and exc.errno and exc.strerror else str(exc)
+
+
+class ConnectFailed(Exception):
+    """A remote controller could not be reached (exit status 1)."""
+
+
 class UsageError(Exception):
     """Bad input from the command line: printed as one line, exit status 2."""
 

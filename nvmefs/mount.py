@@ -28,7 +28,7 @@ from nvmefs import fuseshim  # noqa: F401  (before pyfuse3 binds libfuse)
 import pyfuse3
 import trio
 
-from nvmefs.errors import UsageError, unwrap
+from nvmefs.errors import ConnectFailed, UsageError, os_text, unwrap
 from nvmefs.image import check_image, create_image, default_image
 
 log = logging.getLogger("nvmefs.mount")
@@ -328,22 +328,27 @@ def run_mount(args):
 
 
 def run_mount_device(args):
-    """``nvmefs mount --device vfio:BDF MOUNTPOINT``: no image to check or create."""
+    """``nvmefs mount --device vfio:BDF|nvme-tcp://... MOUNTPOINT``: no image to check or create."""
+    from nvmefs.tcp_url import is_tcp, tcp_options
     from nvmefs.lanes import Lanes, lane_cpus, possible_cpus, requests_per_lane
-    from nvmefs.vfio import arena_for, open_transport
+    from nvmefs.transport import open_transport
+    from nvmefs.vfio import arena_for
 
     if args.background and not args.ready_fd:
         return spawn_background(args)
     n = len(lane_cpus(args.lanes))
     try:
         # trio's one queue with its bounce pool, and the lanes' queues and
-        # buffers (pinned: every byte of the arena is)
+        # buffers (pinned, on VFIO: every byte of the arena is)
         ring = (args.uring_depth or requests_per_lane(n)) \
             if read_enable_uring() and args.fuse_transport != "dev" else 0
         arena = arena_for(1) + arena_for(n, bounce_bytes=0,
                                         extra=Lanes.dma_bytes(n, uring_depth=ring, ncpu=len(possible_cpus())))
-        transport = open_transport(args.device, arena_size=arena)
+        options = dict(tcp_options(args), arena_size=arena) if is_tcp(args.device) else None
+        transport = open_transport(args.device, arena_size=arena, tcp_options=options)
     except (OSError, ValueError) as exc:
+        if is_tcp(args.device) and isinstance(exc, OSError):
+            raise ConnectFailed(f"cannot connect to {args.device}: {os_text(exc)}") from None
         raise UsageError(f"cannot open device {args.device}: {exc}") from None
     return serve_transport(args, transport)
 

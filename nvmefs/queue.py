@@ -118,6 +118,7 @@ class IoQueue:
                                   dstrd=(transport.read64(0) >> 32) & 0xF,
                                   max_transfer=max_transfer, max_sgl_segments=max_sgl_segments)
         self.qp.sgls = sgls
+        self.qp.sgl_only = transport.fabrics
         transport.attach(self.qp)
         self.polled = polled
         self.fd = None if polled else transport.irq_fd(qid)

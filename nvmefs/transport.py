@@ -5,13 +5,18 @@ pair uses (the SPDK transport-ops habit): register access on BAR0, the DMA
 arena whose bus addresses go into commands, the interrupt eventfd of each
 vector, and attaching a queue pair (doorbell wake-ups).  The in-process
 model and VFIO (step 4) are two implementations; nothing above this file
-knows which one it talks to.
+knows which one it talks to.  NVMe over TCP (nvmefs/tcp.py) is the third:
+a fabrics transport, which also creates and deletes I/O queues its own way
+(a connection per queue instead of Create/Delete I/O SQ/CQ).
 """
 import errno
 import fcntl
 import os
 
 from nvmefs import _core, _model
+
+# the admin opcodes that make and remove I/O queues on a PCIe controller
+ADM_DELETE_SQ, ADM_CREATE_SQ, ADM_DELETE_CQ, ADM_CREATE_CQ = 0x00, 0x01, 0x04, 0x05
 
 
 class Transport:
@@ -21,6 +26,10 @@ class Transport:
     regs: "_core.RegisterFile"
     name: str = "?"
     prefers_shadow_doorbells = False    # MMIO doorbells are cheap (plain memory for the model)
+    fabrics = False                     # NVMe over Fabrics: SGLs for every command
+    # seconds the transport may need to reach the controller before CAP.TO
+    # starts to count (a fabrics transport reconnecting)
+    ready_grace = 0.0
 
     def read32(self, off):
         return self.regs.read32(off)
@@ -43,6 +52,28 @@ class Transport:
 
     def attach(self, qp):
         """Called for every queue pair created on this transport."""
+
+    async def create_io_queue(self, ctrl, q, ien):
+        """Make I/O queue ``q`` (an IoQueue) exist on the controller: Create
+        I/O CQ (interrupt vector = qid), then Create I/O SQ."""
+        n = q.qp.entries
+        await ctrl.admin(ADM_CREATE_CQ, cdw10=q.qid | ((n - 1) << 16),
+                         cdw11=1 | (ien << 1) | (q.qid << 16), prp1=q.qp.cq_iova)
+        await ctrl.admin(ADM_CREATE_SQ, cdw10=q.qid | ((n - 1) << 16),
+                         cdw11=1 | (q.qid << 16), prp1=q.qp.sq_iova)
+
+    async def delete_io_queue(self, ctrl, q):
+        await ctrl.admin(ADM_DELETE_SQ, cdw10=q.qid)
+        await ctrl.admin(ADM_DELETE_CQ, cdw10=q.qid)
+
+    def fault_reason(self):
+        """Why the controller is unreachable, when the transport knows (a
+        broken connection), else None."""
+        return None
+
+    def stats(self):
+        """Transport counters for `nvmefs stats` ({} when there are none)."""
+        return {}
 
     def close(self):
         raise NotImplementedError
@@ -110,3 +141,26 @@ class ModelTransport(Transport):
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
+
+
+def open_transport(device=None, *, image=None, arena_size=None, tcp_options=None, **model_kw):
+    """The transport a CLI ``--device`` names: ``vfio:BDF`` (or a bare PCI
+    address) -> VfioTransport; ``nvme-tcp://HOST[:PORT]/SUBNQN`` ->
+    TcpTransport (``tcp_options``: its keyword arguments); ``model`` / None
+    -> ModelTransport on ``image`` (``model_kw``).  ``arena_size``: the DMA
+    memory a VFIO device pins (it must hold every queue's bounce pool)."""
+    if device in (None, "", "model"):
+        return ModelTransport(image, **model_kw)
+    if device.startswith("model:"):
+        return ModelTransport(device[len("model:"):], **model_kw)
+    if device.startswith("nvme-tcp:"):
+        from nvmefs.tcp import TcpTransport
+        return TcpTransport(device, **(tcp_options or {}))
+    from nvmefs.vfio import DEFAULT_ARENA, VfioTransport
+    bdf = device[len("vfio:"):] if device.startswith("vfio:") else device
+    try:
+        _core.normalize_bdf(bdf)
+    except ValueError:
+        raise ValueError(f"--device {device}: expected vfio:DOMAIN:BUS:DEV.FN (e.g. vfio:0000:03:00.0), "
+                         "nvme-tcp://HOST[:PORT]/SUBNQN or model[:IMAGE]") from None
+    return VfioTransport(bdf, arena_size=arena_size or DEFAULT_ARENA)

@@ -59,25 +59,6 @@ class VfioTransport(Transport):
             self._fds = []
 
 
-def open_transport(device=None, *, image=None, arena_size=None, **model_kw):
-    """The transport a CLI ``--device`` names: ``vfio:BDF`` (or a bare PCI
-    address) -> VfioTransport (``model_kw`` ignored); ``model`` / None ->
-    ModelTransport on ``image``.  ``arena_size``: DMA memory to pin for the
-    device; it must hold every queue's bounce pool (``bounce_bytes`` each)."""
-    from nvmefs.transport import ModelTransport
-    if device in (None, "", "model"):
-        return ModelTransport(image, **model_kw)
-    if device.startswith("model:"):
-        return ModelTransport(device[len("model:"):], **model_kw)
-    bdf = device[len("vfio:"):] if device.startswith("vfio:") else device
-    try:
-        _core.normalize_bdf(bdf)
-    except ValueError:
-        raise ValueError(f"--device {device}: expected vfio:DOMAIN:BUS:DEV.FN "
-                         "(e.g. vfio:0000:03:00.0) or model[:IMAGE]") from None
-    return VfioTransport(bdf, arena_size=arena_size or DEFAULT_ARENA)
-
-
 def find_nvme_functions(sysfs="/sys"):
     """PCI addresses of every NVMe function (class 0x010802), sorted."""
     base = os.path.join(sysfs, "bus", "pci", "devices")

@@ -140,3 +140,7 @@ def sqe_dptr(raw):
 @pytest.fixture
 def fake():
     return FakeController
+
+
+# the NVMe/TCP lab's target (one guest per session), for any test module
+from tcp_lab import nvmet_target  # noqa: E402,F401

@@ -13,7 +13,7 @@ import time
 import pytest
 
 from nvmefs import _core
-from nvmefs import tcp
+from nvmefs import tcp, tcp_url
 
 ICRESP = 0x01
 H2C_TERM, C2H_TERM, CMD, RSP, H2C_DATA, C2H_DATA, R2T = 0x02, 0x03, 0x04, 0x05, 0x06, 0x07, 0x09
@@ -106,12 +106,12 @@ def test_fabrics_command_bytes():
 
 
 def test_url_parsing():
-    assert tcp.parse_url("nvme-tcp://10.0.0.1/nqn.x") == ("10.0.0.1", 4420, "nqn.x")
-    assert tcp.parse_url("nvme-tcp://[::1]:4421/nqn.a:b") == ("::1", 4421, "nqn.a:b")
-    assert tcp.canonical_url("nvme-tcp://h/n") == "nvme-tcp://h:4420/n"
+    assert tcp_url.parse_url("nvme-tcp://10.0.0.1/nqn.x") == ("10.0.0.1", 4420, "nqn.x")
+    assert tcp_url.parse_url("nvme-tcp://[::1]:4421/nqn.a:b") == ("::1", 4421, "nqn.a:b")
+    assert tcp_url.canonical_url("nvme-tcp://h/n") == "nvme-tcp://h:4420/n"
     for bad in ("nvme-tcp://h:4420", "tcp://h/n", "nvme-tcp://h:0/n", "nvme-tcp://h:99999/n"):
         with pytest.raises(ValueError):
-            tcp.parse_url(bad)
+            tcp_url.parse_url(bad)
 
 
 # --- one connection against a scripted peer -------------------------------------------

@@ -20,7 +20,8 @@ import trio
 from nvmefs import _core
 from nvmefs.controller import REG_CSTS, open_controller
 from nvmefs.errors import NvmeError
-from nvmefs.vfio import VfioTransport, find_nvme_functions, open_transport
+from nvmefs.transport import open_transport
+from nvmefs.vfio import VfioTransport, find_nvme_functions
 
 MiB = 1 << 20
 ARENA = 96 * MiB
