@@ -691,7 +691,9 @@ class Controller:
 
     async def shutdown(self):
         """Flush, delete I/O queues, CC.SHN normal shutdown, wait SHST.
-        Waits for a reset in progress rather than racing it."""
+        Waits for a reset in progress rather than racing it; a transport
+        still trying to reach the controller (reconnecting) gives up now."""
+        self.transport.interrupt()
         async with self._reset_lock:
             await self._shutdown()
 

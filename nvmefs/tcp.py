@@ -308,23 +308,26 @@ class TcpTransport(Transport):
         # very first association gets one try (the probe just worked)
         first = self.associations == 0
         deadline = (self._lost_at or time.monotonic()) + self.ctrl_loss_tmo
-        while True:
+        why = "the mount is going away"
+        while not self._closing.is_set():
             try:
                 self._associate()
                 return
             except (OSError, ValueError) as exc:
                 why = str(exc)
-            if first or self._closing.is_set() or time.monotonic() + self.reconnect_delay > deadline:
-                with self._lock:
-                    self._state = "failed"
-                    self._why = why if first else \
-                        f"controller lost for good: no association within --ctrl-loss-tmo " \
-                        f"({self.ctrl_loss_tmo:g} s); last try: {why}"
-                log.error("%s: %s", self.name, self._why)
-                return
+            if first or time.monotonic() + self.reconnect_delay > deadline:
+                break
             log.warning("%s: reconnect failed (%s); next try in %g s", self.name, why, self.reconnect_delay)
-            if self._closing.wait(self.reconnect_delay):
-                continue
+            self._closing.wait(self.reconnect_delay)
+        with self._lock:
+            self._state = "failed"
+            self._why = why if first or self._closing.is_set() else \
+                f"controller lost for good: no association within --ctrl-loss-tmo " \
+                f"({self.ctrl_loss_tmo:g} s); last try: {why}"
+        log.error("%s: %s", self.name, self._why)
+
+    def interrupt(self):
+        self._closing.set()
 
     def _teardown(self, cc):
         with self._lock:

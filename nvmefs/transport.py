@@ -66,6 +66,10 @@ class Transport:
         await ctrl.admin(ADM_DELETE_SQ, cdw10=q.qid)
         await ctrl.admin(ADM_DELETE_CQ, cdw10=q.qid)
 
+    def interrupt(self):
+        """Stop waiting for the controller to come back (the mount is going
+        away): a reconnecting transport gives up at once."""
+
     def fault_reason(self):
         """Why the controller is unreachable, when the transport knows (a
         broken connection), else None."""

@@ -301,3 +301,48 @@ def test_loss_timeout_fails_requests_and_the_mount_lives(nvmet_target, tmp_path,
             assert ts["state"] == "failed", ts
     finally:
         t.restore_port()
+
+
+def test_a_target_that_stops_answering_is_reconnected(nvmet_target, tmp_path, prerequisites):
+    """The target's machine freezes for 5 s (its QEMU process stopped):
+    Keep Alive (KATO 2 s) goes unanswered, the driver drops the association
+    and reconnects once the target is back; a read issued during the freeze
+    completes afterwards with the data written before it, and the file
+    closes cleanly.  (The read runs in a thread: forking while the guest is
+    stopped was seen to stall the forking process.)"""
+    import mmap
+    import signal
+    import threading
+    t = nvmet_target
+    mnt = tmp_path / "mnt"
+    with Mount(mnt, t, "--lanes", "1", "--keep-alive-tmo", "2", "--reconnect-delay", "1",
+               "--ctrl-loss-tmo", "60") as m:
+        dev = os.path.join(mnt, "nvme0n1")
+        data = mmap.mmap(-1, MiB)
+        data.write(os.urandom(MiB))
+        fd = os.open(dev, os.O_RDWR | os.O_DIRECT)
+        res = {}
+
+        def reader():
+            back = mmap.mmap(-1, MiB)
+            try:
+                res["n"] = os.preadv(fd, [back], 40 * MiB)
+                res["same"] = back[:] == data[:]
+            except OSError as exc:
+                res["error"] = exc
+        try:
+            assert os.pwritev(fd, [data], 40 * MiB) == MiB
+            os.kill(t.proc.pid, signal.SIGSTOP)
+            try:
+                th = threading.Thread(target=reader)
+                th.start()
+                time.sleep(5)
+            finally:
+                os.kill(t.proc.pid, signal.SIGCONT)
+            th.join(120)
+            assert res == {"n": MiB, "same": True}, res
+        finally:
+            os.close(fd)
+        ts = stats(mnt)["transport_stats"]
+        assert ts["connection_losses"] >= 1 and ts["associations"] >= 2 and ts["state"] == "live", ts
+        assert "answer" in output(m.proc)[1]
