@@ -41,6 +41,10 @@ cdef extern from "<sys/socket.h>" nogil:
     ssize_t sendmsg(int fd, const msghdr *m, int flags)
     ssize_t send(int fd, const void *buf, size_t n, int flags)
     int shutdown(int fd, int how)
+    int setsockopt(int fd, int level, int name, const void *val, unsigned int len)
+    enum:
+        SOL_SOCKET
+        SO_RCVLOWAT
     enum:
         MSG_NOSIGNAL
         SHUT_RDWR
@@ -61,6 +65,7 @@ cdef enum:
     TQ_CALL_BUF = 8192          # a control call's data (Connect's 1024 bytes, a log page)
     TQ_HDR_MAX = 256            # a PDU header with digest and pad
     TQ_WHY = 256
+    TQ_LOWAT_MAX = 262144       # wake for at most this much of a large C2HData at once
 
 # slot states
 cdef enum:
@@ -185,6 +190,7 @@ cdef struct tcpq:
     uint32_t rx_crc
     uint8_t rx_flags
     uint8_t rx_pending_rsp      # a CapsuleResp waiting for room in the local CQ
+    int lowat                   # SO_RCVLOWAT now set (1: the default)
     # control call (one at a time; Python waits on done_fd)
     uint32_t call_pending
     uint32_t call_done
@@ -889,9 +895,19 @@ cdef int tq_rx_data(tcpq *c) noexcept nogil:
     return tq_fill(c)
 
 
+cdef inline void tq_set_lowat(tcpq *c, int n) noexcept nogil:
+    # A large C2HData arrives in many small segments; waking the thread for
+    # each costs more than the copy.  Inside such a PDU poll() waits until
+    # this much (or all that is left of it) is queued.
+    if n != c.lowat:
+        setsockopt(c.fd, SOL_SOCKET, SO_RCVLOWAT, &n, sizeof(n))
+        c.lowat = n
+
+
 cdef void tq_c2h_done(tcpq *c) noexcept nogil:
     cdef tq_slot *s = &c.slots[c.rx_slot]
     s.c2h_next = c.rx_off
+    tq_set_lowat(c, 1)
     if c.rx_flags & NTCP_F_DATA_SUCCESS:
         c.n_c2h_success += 1
         c.rx_pending_rsp = 2            # answered without a CapsuleResp
@@ -954,6 +970,8 @@ cdef void tq_recv(tcpq *c) noexcept nogil:
         if c.rxstate == RX_DATA:
             if c.rx_left:
                 rc = tq_rx_data(c)
+                if rc == 0 and c.rx_left >= TQ_DIRECT:
+                    tq_set_lowat(c, c.rx_left if c.rx_left < TQ_LOWAT_MAX else TQ_LOWAT_MAX)
                 if rc <= 0:
                     return
                 continue
@@ -1125,6 +1143,7 @@ cdef class TcpQueue:
         c.nfree = depth
         c.maxh2cdata = 4096
         c.incapsule_max = 0
+        c.lowat = 1
 
     def __dealloc__(self):
         cdef tcpq *c = self.c
