@@ -191,6 +191,7 @@ cdef struct tcpq:
     uint8_t rx_flags
     uint8_t rx_pending_rsp      # a CapsuleResp waiting for room in the local CQ
     int lowat                   # SO_RCVLOWAT now set (1: the default)
+    uint8_t rx_drained          # the last read got less than asked: wait for poll before reading again
     # control call (one at a time; Python waits on done_fd)
     uint32_t call_pending
     uint32_t call_done
@@ -672,10 +673,13 @@ cdef int tq_fill(tcpq *c) noexcept nogil:
         memmove(c.rxbuf, c.rxbuf + c.rpos, c.rend - c.rpos)
         c.rend -= c.rpos
         c.rpos = 0
-    if c.rend == TQ_RXBUF:
+    if c.rend == TQ_RXBUF or c.rx_drained:
         return 0
     n = recv(c.fd, c.rxbuf + c.rend, TQ_RXBUF - c.rend, MSG_DONTWAIT)
     if n > 0:
+        # less than asked: the socket is empty now, and poll() says when it
+        # is not (saves the read that would only return EAGAIN)
+        c.rx_drained = <size_t>n < TQ_RXBUF - c.rend
         c.rend += n
         c.bytes_in += n
         return 1
@@ -683,6 +687,7 @@ cdef int tq_fill(tcpq *c) noexcept nogil:
         tq_fail(c, 0, 0, NULL, 0, "connection closed by the target")
         return -1
     if errno == EAGAIN or errno == EINTR:
+        c.rx_drained = 1
         return 0
     snprintf(c.why, TQ_WHY, "connection lost while receiving (errno %d)", errno)
     tq_fail(c, 0, 0, NULL, 0, c.why)
@@ -867,12 +872,16 @@ cdef int tq_rx_data(tcpq *c) noexcept nogil:
         c.rx_off += k
         c.rx_left -= k
         return 1
-    if c.rx_left >= TQ_DIRECT:
+    if c.rx_left >= TQ_DIRECT and not c.rx_drained:
         n = tq_iov(s, c.rx_off, c.rx_left, iov, 64)
         if n > 0:
             got = readv(c.fd, iov, n)
             if got > 0:
                 c.bytes_in += got
+                k = 0
+                for i in range(n):
+                    k += iov[i].iov_len
+                c.rx_drained = <uint32_t>got < k
                 if c.ddgst:
                     k = <uint32_t>got
                     for i in range(n):
@@ -888,6 +897,7 @@ cdef int tq_rx_data(tcpq *c) noexcept nogil:
                 tq_fail(c, 0, 0, NULL, 0, "connection closed by the target")
                 return -1
             if errno == EAGAIN or errno == EINTR:
+                c.rx_drained = 1
                 return 0
             snprintf(c.why, TQ_WHY, "connection lost while receiving (errno %d)", errno)
             tq_fail(c, 0, 0, NULL, 0, c.why)
@@ -1016,7 +1026,7 @@ cdef void *tq_main(void *arg) noexcept nogil:
     cdef tcpq *c = <tcpq *>arg
     cdef pollfd fds[2]
     cdef int wait_out, timeout, idx
-    cdef uint64_t now
+    cdef uint64_t now, kicks
     while not lane_load32(&c.stop) and not c.failed:
         if lane_load32(&c.call_pending):
             idx = c.depth
@@ -1053,8 +1063,11 @@ cdef void *tq_main(void *arg) noexcept nogil:
             elif (c.ka_next_ns - now) // 1000000 < <uint64_t>timeout:
                 timeout = <int>((c.ka_next_ns - now) // 1000000) + 1
         poll(fds, 2, timeout)
+        if fds[0].revents:
+            c.rx_drained = 0
         if fds[1].revents:
-            lane_drain(c.kick_fd)
+            # one read takes an eventfd's whole count
+            read(c.kick_fd, &kicks, sizeof(kicks))
     lane_wake(c.done_fd)
     return NULL
 
