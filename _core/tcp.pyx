@@ -55,6 +55,16 @@ cdef extern from "<sys/uio.h>" nogil:
 cdef extern from "<poll.h>" nogil:
     enum: POLLOUT, POLLERR, POLLHUP
 
+cdef extern from *:
+    """
+    static inline int tq_claim(uint32_t *p)
+    {
+        uint32_t expected = 0;
+        return __atomic_compare_exchange_n(p, &expected, 1, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE);
+    }
+    """
+    bint tq_claim(uint32_t *p) nogil
+
 cdef extern from "<stdio.h>" nogil:
     int snprintf(char *s, size_t n, const char *fmt, ...)
 
@@ -155,6 +165,7 @@ cdef struct tcpq:
     # thread control
     uint32_t stop
     uint32_t failed
+    uint32_t failed_claim       # taken (0 -> 1) by whoever fails the connection first
     char why[TQ_WHY]
     lane_pthread thread
     bint started
@@ -244,8 +255,8 @@ cdef void tq_fail(tcpq *c, uint16_t fes, uint32_t fei, const uint8_t *bad, uint3
     cdef uint8_t term[24 + NTCP_TERM_MAX_DATA]
     cdef ntcp_term *t = <ntcp_term *>term
     cdef uint32_t n
-    if c.failed:
-        return
+    if not tq_claim(&c.failed_claim):
+        return                  # the first failure's reason stays
     if fes:
         n = badlen if badlen < NTCP_TERM_MAX_DATA else NTCP_TERM_MAX_DATA
         memset(term, 0, 24)
@@ -980,11 +991,15 @@ cdef void tq_recv(tcpq *c) noexcept nogil:
         if c.rxstate == RX_DATA:
             if c.rx_left:
                 rc = tq_rx_data(c)
-                if rc == 0 and c.rx_left >= TQ_DIRECT:
-                    tq_set_lowat(c, c.rx_left if c.rx_left < TQ_LOWAT_MAX else TQ_LOWAT_MAX)
+                if rc == 0:
+                    # never more than what is left of this PDU's data: the
+                    # digest and the next PDU may be all that follows
+                    tq_set_lowat(c, 1 if c.rx_left < TQ_DIRECT else
+                                 (c.rx_left if c.rx_left < TQ_LOWAT_MAX else TQ_LOWAT_MAX))
                 if rc <= 0:
                     return
                 continue
+            tq_set_lowat(c, 1)
             if c.rx_flags & NTCP_F_DDGST:
                 c.rxstate = RX_DDGST
             else:
@@ -1013,6 +1028,8 @@ cdef void tq_keepalive(tcpq *c, uint64_t now) noexcept nogil:
     if c.slots[idx].state == TQS_BUSY:
         if now - c.slots[idx].sent_ns > c.kato_ns:
             tq_fail(c, 0, 0, NULL, 0, "the target stopped answering (no Keep Alive answer within KATO)")
+        else:
+            c.ka_next_ns = c.slots[idx].sent_ns + c.kato_ns + 1    # sleep until then, not spin
         return
     memset(sqe, 0, 64)
     sqe[0] = 0x18               # Keep Alive
@@ -1049,7 +1066,9 @@ cdef void *tq_main(void *arg) noexcept nogil:
         if c.jhead != c.jtail and not c.tx_active:
             continue            # a response queued an H2C job: send it now
         fds[0].fd = c.fd
-        fds[0].events = POLLIN | (POLLOUT if wait_out else 0)
+        # a response waiting for room in the local CQ: more input cannot be
+        # taken before the host reaps, so do not wake for it
+        fds[0].events = (0 if c.rx_pending_rsp else POLLIN) | (POLLOUT if wait_out else 0)
         fds[0].revents = 0
         fds[1].fd = c.kick_fd
         fds[1].events = POLLIN
@@ -1289,8 +1308,10 @@ cdef class TcpQueue:
         addresses; doorbells of this qid in the register file) from now on."""
         cdef tcpq *c = self.c
         cdef DmaArena a = self.arena_ref
-        if entries < 2 or entries - 1 > c.depth:
-            raise ValueError(f"queue of {entries} entries on a connection of depth {c.depth}")
+        # a local queue deeper than the connection is fine: SQEs wait in it
+        # until a slot is free (the admin queue; the target's SQSIZE bounds us)
+        if entries < 2:
+            raise ValueError(f"queue of {entries} entries")
         c.sq = <nvme_sqe *>a.translate(sq_iova, <uint64_t>entries * 64)
         c.cq = <nvme_cqe *>a.translate(cq_iova, <uint64_t>entries * 16)
         if c.sq == NULL or c.cq == NULL:
@@ -1312,7 +1333,7 @@ cdef class TcpQueue:
     def fail(self, str why):
         """End the connection now (a reset, or a control call that timed out)."""
         b = why.encode()[:TQ_WHY - 1]
-        if not self.c.failed:
+        if tq_claim(&self.c.failed_claim):
             snprintf(self.c.why, TQ_WHY, "%s", <const char *>b)
             lane_store32(&self.c.failed, 1)
             shutdown(self.c.fd, SHUT_RDWR)
@@ -1329,6 +1350,9 @@ cdef class TcpQueue:
             with nogil:
                 lane_thread_join(c.thread)
             c.started = False
+        if tq_claim(&c.failed_claim):
+            snprintf(c.why, TQ_WHY, "connection stopped")
+            lane_store32(&c.failed, 1)
 
     @property
     def failed(self):

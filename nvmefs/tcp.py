@@ -47,11 +47,15 @@ TcpError = _core.TcpError
 
 DISCOVERY_NQN = "nqn.2014-08.org.nvmexpress.discovery"
 ADMIN_INCAPSULE = 8192          # in-capsule data an admin queue takes (NVMe/TCP: 8 KiB)
+# The admin queue's size on the wire (Linux's NVME_AQ_DEPTH; SPDK's default
+# max_aq_depth): two of its slots are the connection's own (control calls,
+# Keep Alive), the rest carry the local admin queue, whose deeper SQ waits.
+ADMIN_WIRE_ENTRIES = 32
 MAX_IO_QUEUES = 64
 
 REG_CAP, REG_VS, REG_CC, REG_CSTS, REG_AQA, REG_ASQ, REG_ACQ = 0x00, 0x08, 0x14, 0x1C, 0x24, 0x28, 0x30
 CC_EN, CC_SHN_MASK = 1, 3 << 14
-CSTS_RDY, CSTS_CFS = 1, 2
+CSTS_RDY, CSTS_CFS, CSTS_SHST_DONE = 1, 2, 0x8
 
 NVMF_OPC, FCTYPE_PROP_SET, FCTYPE_CONNECT, FCTYPE_PROP_GET = 0x7F, 0x00, 0x01, 0x04
 CATTR_DISABLE_SQFLOW = 1 << 2
@@ -248,19 +252,25 @@ class TcpTransport(Transport):
         self._lost_at = None
         self._cc = 0
         self._shst = 0
+        self._gen = 0                      # moves at every teardown: a late association is dropped
+        self._connector = None
         self.associations = 0
         self.losses = 0
         self.arena = _core.DmaArena(arena_size)
         self.regs = _core.RegisterFile(0x1000 + 2 * (MAX_IO_QUEUES + 1) * 4)
         # One short association now, so that a wrong address, subsystem or
         # host fails here with one clear line instead of as a bring-up timeout.
-        probe = self._connection(0, 31)
         try:
-            probe.connect(self.subnqn, self.hostnqn, self.hostid, 0xFFFF, 31, 0, self.cattr)
-            cap = probe.prop_get(REG_CAP, True)
-            self._vs = probe.prop_get(REG_VS, False)
-        finally:
-            probe.close()
+            probe = self._connection(0, 2)
+            try:
+                probe.connect(self.subnqn, self.hostnqn, self.hostid, 0xFFFF, 3, 0, self.cattr)
+                cap = probe.prop_get(REG_CAP, True)
+                self._vs = probe.prop_get(REG_VS, False)
+            finally:
+                probe.close()
+        except BaseException:
+            self._close_fds()
+            raise
         # doorbells are local memory at stride 4
         self._cap = cap & ~(0xF << 32)
 
@@ -277,14 +287,16 @@ class TcpTransport(Transport):
                           kick_fd=self._kick_fd(qid), hdr_digest=self.hdr_digest,
                           data_digest=self.data_digest, timeout=self.connect_timeout)
 
-    def _associate(self):
-        """A new association carrying the local admin queue (AQA/ASQ/ACQ)."""
+    def _associate(self, gen):
+        """A new association carrying the local admin queue (AQA/ASQ/ACQ);
+        False when it came too late (torn down or closed meanwhile)."""
         aqa = self.regs.read32(REG_AQA)
         entries = min((aqa & 0xFFF) + 1, ((aqa >> 16) & 0xFFF) + 1)
-        a = self._connection(0, entries - 1)
+        wire = min(entries + 2, ADMIN_WIRE_ENTRIES)
+        a = self._connection(0, wire - 3)       # at most wire - 1 in flight, the two own slots included
         try:
             kato_ms = int(self.kato * 1000)
-            cntlid = a.connect(self.subnqn, self.hostnqn, self.hostid, 0xFFFF, entries - 1, kato_ms, self.cattr)
+            cntlid = a.connect(self.subnqn, self.hostnqn, self.hostid, 0xFFFF, wire - 1, kato_ms, self.cattr)
             a.q.set_limits(ADMIN_INCAPSULE)
             # the local admin queue is served before the controller can be
             # seen ready: the driver's first command finds it carried
@@ -296,30 +308,43 @@ class TcpTransport(Transport):
             a.close()
             raise
         with self._lock:
-            self._admin, self._cntlid = a, cntlid
-            self._state = "live"
-            self.associations += 1
-            again, self._lost_at = self._lost_at is not None, None
+            late = gen != self._gen or self._closing.is_set() or not self._cc & CC_EN
+            if not late:
+                self._admin, self._cntlid = a, cntlid
+                self._state = "live"
+                self.associations += 1
+                again, self._lost_at = self._lost_at is not None, None
+        if late:
+            a.close()
+            return False
         if again:
             log.warning("%s: reconnected (controller %d)", self.name, cntlid)
+        return True
 
-    def _connect_loop(self):
+    def _connect_loop(self, gen):
         # after a loss: retry until ctrl_loss_tmo has passed since it; the
         # very first association gets one try (the probe just worked)
         first = self.associations == 0
         deadline = (self._lost_at or time.monotonic()) + self.ctrl_loss_tmo
         why = "the mount is going away"
-        while not self._closing.is_set():
-            try:
-                self._associate()
-                return
-            except (OSError, ValueError) as exc:
-                why = str(exc)
-            if first or time.monotonic() + self.reconnect_delay > deadline:
-                break
-            log.warning("%s: reconnect failed (%s); next try in %g s", self.name, why, self.reconnect_delay)
-            self._closing.wait(self.reconnect_delay)
+        try:
+            while not self._closing.is_set() and gen == self._gen:
+                try:
+                    if self._associate(gen):
+                        return
+                    why = "the association was torn down while it was being made"
+                    break
+                except (OSError, ValueError) as exc:
+                    why = str(exc)
+                if first or time.monotonic() + self.reconnect_delay > deadline:
+                    break
+                log.warning("%s: reconnect failed (%s); next try in %g s", self.name, why, self.reconnect_delay)
+                self._closing.wait(self.reconnect_delay)
+        except Exception as exc:        # never leave the state at "connecting"
+            why = f"reconnect failed: {exc!r}"
         with self._lock:
+            if gen != self._gen:
+                return                  # torn down meanwhile: whoever did it owns the state
             self._state = "failed"
             self._why = why if first or self._closing.is_set() else \
                 f"controller lost for good: no association within --ctrl-loss-tmo " \
@@ -334,7 +359,8 @@ class TcpTransport(Transport):
             admin, io = self._admin, list(self._io.values())
             live = self._state == "live"
             self._admin, self._io = None, {}
-            if self._state in ("live", "lost"):
+            self._gen += 1              # an association still being made is dropped when done
+            if self._state in ("live", "lost", "connecting"):
                 self._state = "idle"
         if admin is not None and live and not admin.q.failed:
             try:
@@ -385,9 +411,17 @@ class TcpTransport(Transport):
         return self.regs.read32(off)
 
     def _read_csts(self):
-        state, admin = self._state, self._admin
+        # As Linux's host: while the association lives the controller is
+        # ready unless a connection broke (Keep Alive finds a silent target);
+        # the wire is asked only for the shutdown status, so a stalled target
+        # never blocks the trio thread on a register read.
+        with self._lock:
+            state, admin = self._state, self._admin
+        shutting = self._cc & CC_SHN_MASK
         if state == "live":
             why = self._broken()
+            if why is None and not shutting:
+                return CSTS_RDY
             if why is None:
                 try:
                     csts = admin.prop_get(REG_CSTS, False, timeout=min(max(self.kato, 1.0), 5.0))
@@ -396,12 +430,13 @@ class TcpTransport(Transport):
                 except TcpError as exc:
                     why = f"queue 0: {exc}"
             self._mark_lost(why)
-            return CSTS_RDY | CSTS_CFS
+            state = "lost"
+        done = CSTS_SHST_DONE if shutting else 0      # nothing left to shut down
         if state == "lost":
-            return CSTS_RDY | CSTS_CFS
+            return CSTS_RDY | CSTS_CFS | done
         if state == "failed":
-            return CSTS_CFS
-        return self._shst if not self._cc & CC_EN else 0
+            return CSTS_CFS | done
+        return (self._shst if not self._cc & CC_EN else 0) | done
 
     def write32(self, off, value):
         if off != REG_CC:
@@ -412,7 +447,11 @@ class TcpTransport(Transport):
             with self._lock:
                 self._state = "connecting"
                 self._why = None
-            threading.Thread(target=self._connect_loop, name="nvme-tcp-connect", daemon=True).start()
+                self._gen += 1
+                gen = self._gen
+            self._connector = threading.Thread(target=self._connect_loop, args=(gen,), name="nvme-tcp-connect",
+                                               daemon=True)
+            self._connector.start()
         elif old & CC_EN and not value & CC_EN:
             self._teardown(value)
         elif (old ^ value) & CC_SHN_MASK and self._state == "live":
@@ -486,6 +525,13 @@ class TcpTransport(Transport):
     def close(self):
         self._closing.set()
         self._teardown(self._cc & ~CC_EN)
+        if self._connector is not None:
+            # an attempt in progress ends within its timeouts and drops what
+            # it made; its connection threads must be gone before the fds
+            self._connector.join(4 * self.connect_timeout + 5)
+        self._close_fds()
+
+    def _close_fds(self):
         for fd in list(self._kick.values()) + list(self._irq.values()):
             os.close(fd)
         self._kick.clear()
@@ -503,7 +549,8 @@ def discover(host, port=DEFAULT_PORT, *, hostnqn=None, hostid=None, hdr_digest=F
     try:
         c = Connection(host, port, 0, arena, regs, depth=4, kick_fd=kick, hdr_digest=hdr_digest,
                        data_digest=data_digest, timeout=timeout)
-        c.connect(DISCOVERY_NQN, hostnqn or default_hostnqn(), hostid or default_hostid(), 0xFFFF, 31)
+        hostid = uuid.UUID(str(hostid)) if hostid else default_hostid()
+        c.connect(DISCOVERY_NQN, hostnqn or default_hostnqn(), hostid, 0xFFFF, 31)
         cap = c.prop_get(REG_CAP, True)
         c.prop_set(REG_CC, CC_EN | (6 << 16) | (4 << 20))
         deadline = time.monotonic() + max(0.5, ((cap >> 24) & 0xFF) * 0.5)

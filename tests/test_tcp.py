@@ -75,7 +75,7 @@ def test_io_over_one_and_several_queues(nvmet_target, queues, digests):
         st = conn_stats(tr)
         assert sorted(st) == list(range(queues + 1))
         io = [st[q] for q in range(1, queues + 1)]
-        assert sum(s["incapsule_writes"] for s in io) == 2        # 4 KiB and 16 KiB
+        assert sum(s["incapsule_writes"] for s in io) == 2, (c.resets, tr.stats())   # 4 KiB and 16 KiB
         assert sum(s["r2t"] for s in io) >= 2                     # 64 KiB and 1 MiB
         assert all(s["failed"] is None and s["local_errors"] == 0 for s in st.values())
         assert tr.stats()["hdr_digest"] is digests

@@ -187,8 +187,14 @@ class Peer:
 class Conn:
     """A TcpQueue carrying a local queue pair (qid 1, 16 entries)."""
 
-    def __init__(self, hdgst=False, ddgst=False, maxh2cdata=4096, incapsule=8192):
-        a, b = socket.socketpair()
+    def __init__(self, hdgst=False, ddgst=False, maxh2cdata=4096, incapsule=8192, tcp=False):
+        if tcp:     # loopback TCP: socket buffers of megabytes, as on a real link
+            lsn = socket.create_server(("127.0.0.1", 0))
+            a = socket.create_connection(lsn.getsockname())
+            b, _ = lsn.accept()
+            lsn.close()
+        else:
+            a, b = socket.socketpair()
         self.arena = _core.DmaArena(16 << 20)
         self.regs = _core.RegisterFile(0x2000)
         self.qp = _core.QueuePair(self.arena, self.regs, 1, 16, max_transfer=1 << 20)
@@ -455,3 +461,38 @@ def test_prp_command_gets_invalid_field_locally(conn):
     (_, got, status, _, _), = conn.reap()
     assert got == cid and (status >> 1) & 0xFF == 0x02 and status & 0x8000
     assert conn.q.stats()["local_errors"] == 1
+
+
+@pytest.mark.parametrize("conn", [{"tcp": True}, {"tcp": True, "hdgst": True, "ddgst": True}], indirect=True,
+                         ids=["plain", "digests"])
+def test_c2h_arriving_in_pieces_completes(conn):
+    """A large C2HData that trickles in (the thread waits with SO_RCVLOWAT
+    inside it): most of 1 MiB at once, then a tail shorter than a page, then
+    the digest -- the read completes (a stale wake-up mark once left the
+    thread asleep with the tail in the socket)."""
+    n = 1 << 20
+    buf = conn.arena.alloc(n)
+    cid = conn.submit(0x02, buf, n, True)
+    _, _, hdr, _ = conn.peer.pdu()
+    wire_cid = struct.unpack_from("<H", hdr, 10)[0]
+    payload = os.urandom(n)
+    pdu = bytearray()
+    real = conn.peer.s
+
+    class Capture:
+        def sendall(self, b):
+            pdu.extend(b)
+    conn.peer.s = Capture()
+    conn.peer.c2h(wire_cid, 0, payload, success=True)
+    conn.peer.s = real
+    tail = 1000 + (4 if conn.peer.ddgst else 0)
+    real.sendall(bytes(pdu[:16]))          # a header cut in two
+    time.sleep(0.05)
+    real.sendall(bytes(pdu[16:-tail]))
+    time.sleep(0.3)
+    real.sendall(bytes(pdu[-tail:-4]) if conn.peer.ddgst else bytes(pdu[-tail:]))
+    if conn.peer.ddgst:
+        time.sleep(0.05)
+        real.sendall(bytes(pdu[-4:]))
+    got = conn.reap(timeout=5)
+    assert got and got[0][1:3] == (cid, 0) and bytes(memoryview(buf)) == payload
