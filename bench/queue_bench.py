@@ -51,7 +51,10 @@ def run_local(device, qds, bs, seconds):
     from nvmefs.controller import open_controller
     from nvmefs.transport import ModelTransport
 
-    if device.startswith("vfio:"):
+    if device.startswith("nvme-tcp:"):
+        from nvmefs.transport import open_transport
+        t = open_transport(device, tcp_options={"arena_size": 96 << 20})
+    elif device.startswith("vfio:"):
         from nvmefs.transport import open_transport
         from nvmefs.vfio import find_nvme_functions
         bdf = device[5:] if device != "vfio:auto" else find_nvme_functions()[0]
@@ -65,7 +68,10 @@ def run_local(device, qds, bs, seconds):
             ns = c.namespaces[1]
             await ns.write(0, bytes(1 << 20))
             for qd in qds:
-                rows.append(await loop(ns, qd, bs, seconds))
+                cpu0 = time.process_time()
+                row = await loop(ns, qd, bs, seconds)
+                row["cpu_us_per_io"] = (time.process_time() - cpu0) / max(row["ops"], 1) * 1e6
+                rows.append(row)
     try:
         trio.run(main)
     finally:
@@ -92,7 +98,8 @@ def run_in_guest(qds, bs, seconds):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--device", default="model", help="model (default) or vfio:BDF / vfio:auto")
+    ap.add_argument("--device", default="model",
+                    help="model (default), vfio:BDF / vfio:auto, or nvme-tcp://HOST:PORT/SUBNQN")
     ap.add_argument("--qd", default="1,8,32", help="queue depths, comma separated")
     ap.add_argument("--bs", type=int, default=4096)
     ap.add_argument("--seconds", type=float, default=3.0)

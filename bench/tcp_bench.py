@@ -9,7 +9,11 @@ tests/tcp_lab.py), in one run:
 2. the fio matrix on the FUSE mount of the same namespace, and the
    daemon's CPU per I/O;
 3. the same fio rows from the guest kernel's own nvme-tcp host connected to
-   the same target (fio runs inside the guest on /dev/nvmeXnY).
+   the same target (fio runs inside the guest on /dev/nvmeXnY);
+4. inside the guest, over the guest's own loopback (the kernel host's
+   path, without QEMU's user-mode network between): our queue-level loop
+   beside fio on the kernel host's block device, 4 KiB random reads at QD1
+   and QD32 -- the like-for-like transport comparison.
 
 The target runs under TCG emulation (a 4 KiB read takes hundreds of µs),
 so absolute figures mean nothing; what this reports is ratios within the
@@ -120,6 +124,23 @@ def kernel_rows(target, seconds):
     return out
 
 
+def in_guest(target, seconds):
+    """Our queue-level loop and the kernel host's fio, both in the guest."""
+    import json as _json
+    url = f"nvme-tcp://127.0.0.1:4420/{target.subnqn}"
+    status, out = target.guest_run([os.path.join(ROOT, ".venv", "bin", "python"), "bench/queue_bench.py",
+                                    "--device", url, "--qd", "1,32", "--seconds", str(seconds),
+                                    "--json", "/tmp/q.json"], cwd=ROOT, timeout=600)
+    if status:
+        raise SystemExit(f"queue_bench in the guest failed ({status}):\n{out[-3000:]}")
+    ours = {r["qd"]: r for r in _json.loads(target.check("cat /host/tmp/q.json"))["rows"]}
+    kernel = {}
+    for qd in (1, 32):
+        res = target.kernel_fio(fio_args("randread", "4k", qd, int(seconds)), timeout=seconds + 240)
+        kernel[qd] = fio_summary(res)
+    return ours, kernel
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seconds", type=float, default=5.0)
@@ -136,6 +157,7 @@ def main(argv=None):
         q = queue_level(url, args.seconds)
         m = mount_rows(url, secs)
         k = {} if args.no_kernel else kernel_rows(t, secs)
+        g = ({}, {}) if args.no_kernel else in_guest(t, args.seconds)
         took = time.monotonic() - t0
     print("queue level, 4 KiB random reads (controller + namespace API, no FUSE)")
     print(f"  {'QD':>4} {'IOPS':>9} {'mean µs':>9} {'p99 µs':>9} {'host CPU µs/IO':>15}")
@@ -154,10 +176,18 @@ def main(argv=None):
         print(f"  {name:<20} {a:>8.0f} {unit:<4}{(f'{b:>8.0f} {unit:<4}' if b else '         n/a')}"
               f"{(f'{a / b:>6.2f}x' if b else '      -')} {ours['lat_us']:>14.0f} "
               f"{ours['daemon_cpu_us_per_io']:>17.1f}")
+    if g[0]:
+        print("\ninside the guest, over its loopback: nvmefs queue level vs the kernel's nvme-tcp host (fio)")
+        print(f"  {'row':<20} {'nvmefs':>10} {'kernel':>10} {'ratio':>7} {'nvmefs CPU µs/IO':>17}")
+        for qd in (1, 32):
+            a, b = g[0][qd], g[1][qd]
+            print(f"  {'randread 4k QD' + str(qd):<20} {a['iops']:>10.0f} {b['iops']:>10.0f} "
+                  f"{a['iops'] / b['iops']:>6.2f}x {a['cpu_us_per_io']:>17.1f}")
     print(f"\n(target under TCG emulation; {took:.0f} s; ratios and CPU per I/O are the figures)")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"queue": q, "mount": m, "kernel": k}, f, indent=2)
+            json.dump({"queue": q, "mount": m, "kernel": k, "guest": {"nvmefs": g[0], "kernel": g[1]}}, f,
+                      indent=2)
     return 0
 
 

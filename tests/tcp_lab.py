@@ -538,6 +538,18 @@ class Target:
             raise LabError(f"tcp-lab: cannot prepare kernel_fio (status {status}):\n{out}")
         self._fio_ready = True
 
+    def guest_run(self, argv, timeout=300, cwd=None):
+        """Run a host program inside the guest, chrooted into the host root
+        (read-only, with tmpfs /tmp): so that nvmefs reaches the guest's
+        target over the guest's own loopback, the path the guest kernel's
+        host takes in kernel_fio().  Returns (status, output)."""
+        self._prepare_fio()
+        cmd = " ".join(shlex.quote(a) for a in argv)
+        if cwd:
+            cmd = f"cd {shlex.quote(cwd)} && {cmd}"
+        return self.sh("chroot /host /usr/bin/env -i PATH=/usr/bin:/bin:/usr/sbin:/sbin HOME=/tmp "
+                       f"sh -c {shlex.quote(cmd)}", timeout=timeout)
+
     def kernel_fio(self, fio_args, timeout=300):
         """Connect the guest kernel's nvme-tcp host to the guest's own target
         (127.0.0.1:4420, the test subsystem), run the host's fio on the block
