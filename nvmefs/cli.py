@@ -396,6 +396,16 @@ def cmd_stats(args):
         out = [f"controller {d['transport']}   resets {d['resets']}   lanes {len(la['lanes'])}   "
                f"FUSE over {la.get('fuse_transport', '/dev/fuse')}   "
                f"errors {la['errors']}   retries {la['retries']}   timeouts {la['timeouts']}"]
+        ts = d.get("transport_stats")
+        if ts and "connections" in ts:
+            out.append(f"nvme-tcp: association {ts['state']}, {ts['associations']} made, "
+                       f"{ts['connection_losses']} lost; digests: header {'on' if ts['hdr_digest'] else 'off'}, "
+                       f"data {'on' if ts['data_digest'] else 'off'}")
+            cols = ("qid", "capsules", "responses", "incapsule_writes", "r2t", "h2c_data", "c2h_data",
+                    "c2h_success", "keep_alives", "bytes_out", "bytes_in")
+            out.append(" ".join(f"{c:>16}" for c in cols))
+            for c in ts["connections"]:
+                out.append(" ".join(f"{c.get(k, 0):>16}" for k in cols))
         if la.get("rings"):
             out.append("io_uring queues: " + ", ".join(f"CPU {r['qid']} (lane {r['lane']}) {r['requests']} requests"
                                                       for r in la["rings"]))

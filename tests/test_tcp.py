@@ -198,6 +198,8 @@ def test_mount_dd_fio_and_ext4(nvmet_target, tmp_path, prerequisites):
         assert st["transport"] == url(t)
         conns = st["transport_stats"]["connections"]
         assert len(conns) == 1 + 1 + 2 and sum(c["r2t"] for c in conns) > 0    # admin, trio, 2 lanes
+        r = run_cli("stats", str(mnt))
+        assert r.returncode == 0 and "nvme-tcp: association live, 1 made, 0 lost" in r.stdout, r.stdout
         loop = sh("losetup", "--find", "--show", "--direct-io=on", dev).strip()
         try:
             sh("mkfs.ext4", "-q", "-F", loop)
