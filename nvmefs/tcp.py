@@ -518,7 +518,8 @@ class TcpTransport(Transport):
         with self._lock:
             conns = ([self._admin] if self._admin else []) + [self._io[k] for k in sorted(self._io)]
             state = self._state
-        return {"state": state, "associations": self.associations, "connection_losses": self.losses,
+        return {"state": state, "cntlid": self._cntlid, "hostnqn": self.hostnqn,
+                "associations": self.associations, "connection_losses": self.losses,
                 "hdr_digest": self.hdr_digest, "data_digest": self.data_digest,
                 "connections": [c.q.stats() for c in conns]}
 

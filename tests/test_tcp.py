@@ -133,6 +133,18 @@ def test_one_line_errors(nvmet_target, tmp_path):
     assert r.returncode == 0 and json.loads(r.stdout)["subnqn"] == t.restricted_nqn
 
 
+def test_admin_verbs(nvmet_target):
+    """The admin verbs on a controller reached over TCP (nothing mounted)."""
+    dev = url(nvmet_target)
+    for verb, want in ((["list"], "nvme0n1"), (["id-ns", "-n", "1"], "lba_size : 512"),
+                       (["smart-log"], "critical_warning"), (["error-log"], ""),
+                       (["get-feature", "-f", "7"], "get-feature:0x07"), (["list-ns"], "0x1")):
+        r = run_cli(*verb, "--device", dev, timeout=60)
+        assert r.returncode == 0 and want in r.stdout, (verb, r.stdout, r.stderr)
+    r = run_cli("id-ctrl", "--device", dev, "-o", "json", "--hdr-digest", "--data-digest")
+    assert r.returncode == 0 and json.loads(r.stdout)["subnqn"] == nvmet_target.subnqn
+
+
 def _closed_port():
     import socket
     s = socket.socket()
@@ -200,6 +212,12 @@ def test_mount_dd_fio_and_ext4(nvmet_target, tmp_path, prerequisites):
         assert len(conns) == 1 + 1 + 2 and sum(c["r2t"] for c in conns) > 0    # admin, trio, 2 lanes
         r = run_cli("stats", str(mnt))
         assert r.returncode == 0 and "nvme-tcp: association live, 1 made, 0 lost" in r.stdout, r.stdout
+        # a target serves several controllers: a verb naming the device makes
+        # its own association; with --mount it runs on the mount's controller
+        r = run_cli("id-ctrl", "--device", url(t), "-o", "json")
+        assert r.returncode == 0 and json.loads(r.stdout)["cntlid"] != st["transport_stats"]["cntlid"], r.stderr
+        r = run_cli("id-ctrl", "--mount", str(mnt), "-o", "json")
+        assert r.returncode == 0 and json.loads(r.stdout)["cntlid"] == st["transport_stats"]["cntlid"], r.stderr
         loop = sh("losetup", "--find", "--show", "--direct-io=on", dev).strip()
         try:
             sh("mkfs.ext4", "-q", "-F", loop)
