@@ -123,6 +123,10 @@ cdef struct tq_slot:
     uint8_t answered            # the response came; freed once no send job refers to it
     uint8_t jobs                # send jobs still queued or in progress for it
     uint8_t r2t_open            # an R2T's data is still being sent
+    uint8_t deferred            # answered while its data was still going out: CQE held until sent
+    uint16_t d_status
+    uint32_t d_dw0
+    uint32_t d_dw1
     uint16_t local_cid
     uint32_t length
     uint32_t c2h_next           # next C2HData offset expected
@@ -541,6 +545,11 @@ cdef void tq_job_done(tcpq *c) noexcept nogil:
     if c.txjob.kind == TQJ_H2C:
         s.r2t_open = 0
     if s.answered and s.jobs == 0:
+        if s.deferred:
+            # the buffer is ours no longer once the host sees the CQE: only
+            # now is nothing of it left to send
+            s.deferred = 0
+            tq_post(c, s.local_cid, s.d_status, s.d_dw0, s.d_dw1)
         tq_slot_free(c, c.txjob.slot)
 
 
@@ -633,6 +642,7 @@ cdef void tq_fetch(tcpq *c) noexcept nogil:
         s.kind = TQK_IO
         s.state = TQS_BUSY
         s.answered = 0
+        s.deferred = 0
         s.jobs = 0
         s.r2t_open = 0
         s.c2h_next = 0
@@ -719,7 +729,14 @@ cdef bint tq_deliver(tcpq *c, uint16_t cccid, const uint8_t *cqe) noexcept nogil
     if s.kind == TQK_IO:
         if tq_cq_full(c):
             return False
-        if r != NULL:
+        if s.jobs:
+            # a target may end a write early (an error) while its data is
+            # still being sent from the host's buffer: hold the CQE
+            s.deferred = 1
+            s.d_status = r.status if r != NULL else 0
+            s.d_dw0 = r.dw0 if r != NULL else 0
+            s.d_dw1 = r.dw1 if r != NULL else 0
+        elif r != NULL:
             tq_post(c, s.local_cid, r.status, r.dw0, r.dw1)
         else:
             tq_post(c, s.local_cid, 0, 0, 0)

@@ -496,3 +496,27 @@ def test_c2h_arriving_in_pieces_completes(conn):
         real.sendall(bytes(pdu[-4:]))
     got = conn.reap(timeout=5)
     assert got and got[0][1:3] == (cid, 0) and bytes(memoryview(buf)) == payload
+
+
+def test_early_answer_to_a_write_waits_for_its_data(conn):
+    """A target may answer a write (with an error) while its data is still
+    being sent: the CQE -- after which the host reuses the buffer -- is
+    posted only once nothing of the buffer is left to send."""
+    n = 1 << 20
+    buf = conn.arena.alloc(n)
+    memoryview(buf)[:] = os.urandom(n)
+    cid = conn.submit(0x01, buf, n, False)
+    _, _, hdr, _ = conn.peer.pdu()
+    wire_cid = struct.unpack_from("<H", hdr, 10)[0]
+    conn.peer.r2t(wire_cid, 7, 0, n)
+    conn.peer.rsp(wire_cid, status=0x06)           # Internal Error, before the data came
+    time.sleep(0.3)
+    assert conn.qp.reap() == []                    # the data is still going out: no CQE yet
+    got = 0
+    while got < n:
+        ptype, flags, hdr, chunk = conn.peer.pdu()
+        assert ptype == H2C_DATA
+        got += len(chunk)
+    (_, got_cid, status, _, _), = conn.reap()
+    assert got_cid == cid and (status >> 1) & 0xFF == 0x06
+    assert conn.q.failed is None
