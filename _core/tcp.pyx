@@ -684,6 +684,20 @@ cdef void tq_start_private(tcpq *c, uint32_t idx, const uint8_t *sqe, uint32_t o
 
 # --- receive side ----------------------------------------------------------------
 
+cdef int tq_read_failed(tcpq *c, ssize_t n) noexcept nogil:
+    """A read that returned ``n`` <= 0: 0 nothing to read now, -1 the
+    connection is gone (closed by the target, or an error)."""
+    if n == 0:
+        tq_fail(c, 0, 0, NULL, 0, "connection closed by the target")
+        return -1
+    if errno == EAGAIN or errno == EINTR:
+        c.rx_drained = 1
+        return 0
+    snprintf(c.why, TQ_WHY, "connection lost while receiving (errno %d)", errno)
+    tq_fail(c, 0, 0, NULL, 0, c.why)
+    return -1
+
+
 cdef int tq_fill(tcpq *c) noexcept nogil:
     """More bytes into rxbuf: 1 read some, 0 nothing now, -1 failed."""
     cdef ssize_t n
@@ -704,15 +718,7 @@ cdef int tq_fill(tcpq *c) noexcept nogil:
         c.rend += n
         c.bytes_in += n
         return 1
-    if n == 0:
-        tq_fail(c, 0, 0, NULL, 0, "connection closed by the target")
-        return -1
-    if errno == EAGAIN or errno == EINTR:
-        c.rx_drained = 1
-        return 0
-    snprintf(c.why, TQ_WHY, "connection lost while receiving (errno %d)", errno)
-    tq_fail(c, 0, 0, NULL, 0, c.why)
-    return -1
+    return tq_read_failed(c, n)
 
 
 cdef tq_slot *tq_lookup(tcpq *c, uint16_t cccid) noexcept nogil:
@@ -921,15 +927,7 @@ cdef int tq_rx_data(tcpq *c) noexcept nogil:
                 c.rx_off += <uint32_t>got
                 c.rx_left -= <uint32_t>got
                 return 1
-            if got == 0:
-                tq_fail(c, 0, 0, NULL, 0, "connection closed by the target")
-                return -1
-            if errno == EAGAIN or errno == EINTR:
-                c.rx_drained = 1
-                return 0
-            snprintf(c.why, TQ_WHY, "connection lost while receiving (errno %d)", errno)
-            tq_fail(c, 0, 0, NULL, 0, c.why)
-            return -1
+            return tq_read_failed(c, got)
     return tq_fill(c)
 
 

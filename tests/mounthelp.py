@@ -1,6 +1,7 @@
 """Helpers that run a real `nvmefs mount` daemon (pyfuse3 test/util.py habit:
 wait for the mount, fail if the daemon died, always unmount in finally)."""
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -32,6 +33,17 @@ def read_only_copy(src, tmp_path, name):
         yield str(ro / name)
     finally:
         sh("umount", str(ro))
+
+
+def tree_sums(root):
+    """{relative path: sha256} of every file below ``root``."""
+    sums = {}
+    for d, _dirs, files in os.walk(root):
+        for f in files:
+            p = os.path.join(d, f)
+            with open(p, "rb") as fh:
+                sums[os.path.relpath(p, root)] = hashlib.sha256(fh.read()).hexdigest()
+    return sums
 
 
 def nvmefs_cmd(*args):

@@ -36,7 +36,6 @@ restore_port, with timings).
 """
 import atexit
 import base64
-import gzip
 import hashlib
 import json
 import os
@@ -240,12 +239,7 @@ def build_guest(log=print):
         with open(os.path.join(ird, "init"), "w") as f:
             f.write(_init_text())
         os.chmod(os.path.join(ird, "init"), 0o755)
-        names = subprocess.run(["find", "."], cwd=ird, capture_output=True, text=True,
-                               check=True).stdout
-        cpio = subprocess.run(["cpio", "-o", "-H", "newc", "--quiet", "-R", "0:0"], cwd=ird,
-                              input=names.encode(), capture_output=True, check=True).stdout
-        with gzip.open(os.path.join(work, "initramfs.cpio.gz"), "wb", compresslevel=1) as f:
-            f.write(cpio)
+        vfio_lab.pack_initramfs(ird, os.path.join(work, "initramfs.cpio.gz"))
         os.makedirs(d, exist_ok=True)
         os.replace(os.path.join(work, "initramfs.cpio.gz"), initrd)
         os.replace(os.path.join(work, "vmlinux"), vmlinux)

@@ -16,7 +16,7 @@ import pytest
 
 from conftest import require, require_root_fuse
 from mounthelp import (mounted, nvmefs_cmd, output, read_only_copy, run_cli, sh, start_daemon, stats, stop,
-                       wait_for_mount, ROOT)
+                       tree_sums, wait_for_mount, ROOT)
 
 MiB = 1 << 20
 
@@ -340,16 +340,6 @@ def test_signals_during_shutdown_leave_the_image_intact(paths, tmp_path):
             assert f.read(MiB) == synced
             f.seek(32 * 64 * 1024)
             assert f.read(len(src.read_bytes())) == src.read_bytes()
-
-
-def tree_sums(root):
-    sums = {}
-    for d, _dirs, files in os.walk(root):
-        for f in files:
-            p = os.path.join(d, f)
-            with open(p, "rb") as fh:
-                sums[os.path.relpath(p, root)] = hashlib.sha256(fh.read()).hexdigest()
-    return sums
 
 
 @pytest.mark.usefixtures("fuse_transport")

@@ -15,7 +15,7 @@ import pytest
 import trio
 
 from conftest import require, require_root_fuse
-from mounthelp import ROOT, run_cli, sh, start_daemon, stats, stop, wait_for_mount, output
+from mounthelp import ROOT, output, run_cli, sh, start_daemon, stats, stop, tree_sums, wait_for_mount
 
 from nvmefs.controller import open_controller
 from nvmefs.tcp import TcpTransport
@@ -225,7 +225,7 @@ def test_mount_dd_fio_and_ext4(nvmet_target, tmp_path, prerequisites):
             try:
                 shutil.copytree(os.path.join(ROOT, "nvmefs"), fsmnt / "tree",
                                 ignore=shutil.ignore_patterns("*.so", "__pycache__"))
-                want = sums(fsmnt / "tree")
+                want = tree_sums(fsmnt / "tree")
             finally:
                 sh("umount", str(fsmnt))
             sh("e2fsck", "-fn", loop)
@@ -236,22 +236,11 @@ def test_mount_dd_fio_and_ext4(nvmet_target, tmp_path, prerequisites):
         try:
             sh("mount", "-o", "ro", loop, str(fsmnt))
             try:
-                assert sums(fsmnt / "tree") == want
+                assert tree_sums(fsmnt / "tree") == want
             finally:
                 sh("umount", str(fsmnt))
         finally:
             subprocess.run(["losetup", "-d", loop])
-
-
-def sums(root):
-    import hashlib
-    out = {}
-    for d, _dirs, files in os.walk(root):
-        for f in files:
-            p = os.path.join(d, f)
-            with open(p, "rb") as fh:
-                out[os.path.relpath(p, root)] = hashlib.sha256(fh.read()).hexdigest()
-    return out
 
 
 def test_connection_cut_mid_fio_is_survived(nvmet_target, tmp_path, prerequisites):

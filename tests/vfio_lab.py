@@ -210,11 +210,7 @@ def build_guest(log=print):
         with open(os.path.join(ird, "init"), "w") as f:
             f.write(INIT)
         os.chmod(os.path.join(ird, "init"), 0o755)
-        names = subprocess.run(["find", "."], cwd=ird, capture_output=True, text=True, check=True).stdout
-        cpio = subprocess.run(["cpio", "-o", "-H", "newc", "--quiet", "-R", "0:0"], cwd=ird,
-                              input=names.encode(), capture_output=True, check=True).stdout
-        with gzip.open(os.path.join(work, "initramfs.cpio.gz"), "wb", compresslevel=1) as f:
-            f.write(cpio)
+        pack_initramfs(ird, os.path.join(work, "initramfs.cpio.gz"))
 
         os.makedirs(d, exist_ok=True)
         os.replace(os.path.join(work, "initramfs.cpio.gz"), initrd)
@@ -223,6 +219,16 @@ def build_guest(log=print):
         return vmlinux, initrd
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def pack_initramfs(root, dest):
+    """The tree at ``root`` as a gzipped newc cpio archive at ``dest``
+    (owned by root: the guest's busybox runs as uid 0)."""
+    names = subprocess.run(["find", "."], cwd=root, capture_output=True, text=True, check=True).stdout
+    cpio = subprocess.run(["cpio", "-o", "-H", "newc", "--quiet", "-R", "0:0"], cwd=root,
+                          input=names.encode(), capture_output=True, check=True).stdout
+    with gzip.open(dest, "wb", compresslevel=1) as f:
+        f.write(cpio)
 
 
 def qemu_argv(vmlinux, initrd, scratch, argv, *, memory=1024, namespaces=NAMESPACES, nvme_opts=""):
