@@ -166,8 +166,10 @@ class Controller:
                 why = self.transport.fault_reason()
                 raise ControllerError(f"{self.transport.name}: " + (why or f"controller fatal status while {what}"))
             if trio.current_time() > deadline:
+                grace = self.transport.ready_grace
                 raise ControllerError(f"{self.transport.name}: controller did not {what} within "
-                                      f"CAP.TO ({self.cap_to:.1f} s)")
+                                      f"CAP.TO ({self.cap_to:.1f} s)" +
+                                      (f" and the transport's reconnect time ({grace:g} s)" if grace else ""))
             await trio.sleep(delay)
             delay = min(delay * 2, 0.05)
 
