@@ -298,18 +298,30 @@ class TcpTransport(Transport):
             kato_ms = int(self.kato * 1000)
             cntlid = a.connect(self.subnqn, self.hostnqn, self.hostid, 0xFFFF, wire - 1, kato_ms, self.cattr)
             a.q.set_limits(ADMIN_INCAPSULE)
-            # the local admin queue is served before the controller can be
-            # seen ready: the driver's first command finds it carried
-            a.q.serve(self.regs.read64(REG_ASQ), self.regs.read64(REG_ACQ), entries, 0, self.irq_fd(0))
             a.prop_set(REG_CC, self._cc)
             if kato_ms:
                 a.q.set_keepalive(self.kato)
+            # the target's own ready bit first: the driver sees ready (from
+            # our state) as soon as the association is published below
+            deadline = time.monotonic() + max(0.5, ((self._cap >> 24) & 0xFF) * 0.5)
+            while True:
+                csts = a.prop_get(REG_CSTS, False)
+                if csts & CSTS_CFS:
+                    raise TcpError(errno.EIO, "the controller reported fatal status while becoming ready")
+                if csts & CSTS_RDY:
+                    break
+                if time.monotonic() > deadline:
+                    raise TcpError(errno.ETIMEDOUT, "the controller did not become ready within CAP.TO")
+                time.sleep(0.005)
         except BaseException:
             a.close()
             raise
         with self._lock:
             late = gen != self._gen or self._closing.is_set() or not self._cc & CC_EN
             if not late:
+                # served only once it is ours for sure: an association that
+                # lost the race never takes an SQE of the next one's queue
+                a.q.serve(self.regs.read64(REG_ASQ), self.regs.read64(REG_ACQ), entries, 0, self.irq_fd(0))
                 self._admin, self._cntlid = a, cntlid
                 self._state = "live"
                 self.associations += 1
