@@ -182,48 +182,9 @@ def _digest():
 
 
 def build_guest(log=print):
-    """Build (or find cached) vmlinux + initramfs.  Returns their paths.
-
-    The vfio lab's build_guest is tied to its own /init and modules, so this
-    repeats its short recipe with vfio_lab's helpers (package lookup, vmlinuz
-    -> vmlinux, cache root) and a cache directory of its own."""
-    vfio_lab.check_host()
-    pkg, version = vfio_lab.kernel_package()
-    key = f"tcp-{pkg}_{version}_{_digest()}".replace(":", "_")
-    d = os.path.join(vfio_lab.cache_root(), key)
-    vmlinux, initrd = os.path.join(d, "vmlinux"), os.path.join(d, "initramfs.cpio.gz")
-    if os.path.exists(vmlinux) and os.path.exists(initrd):
-        return vmlinux, initrd
-    t0 = time.monotonic()
-    os.makedirs(vfio_lab.cache_root(), exist_ok=True)
-    work = tempfile.mkdtemp(prefix="build-tcp-", dir=vfio_lab.cache_root())
-    try:
-        log(f"tcp-lab: building the guest from {pkg} {version} in {d}")
-        vfio_lab._sh("apt-get", "download", "-q", pkg, "busybox-static", cwd=work)
-        root = os.path.join(work, "x")
-        for deb in os.listdir(work):
-            if deb.endswith(".deb"):
-                vfio_lab._sh("dpkg", "-x", os.path.join(work, deb), root)
-        kver = pkg[len("linux-image-"):]
-        boot = os.path.join(root, "boot", f"vmlinuz-{kver}")
-        if not os.path.exists(boot):
-            raise LabError(f"{pkg} holds no /boot/vmlinuz-{kver}")
-        # the ELF vmlinux boots through PVH, a few seconds faster under TCG
-        vfio_lab.extract_vmlinux(boot, os.path.join(work, "vmlinux"))
-
-        ird = os.path.join(work, "initramfs")
-        os.makedirs(os.path.join(ird, "bin"))
-        os.makedirs(os.path.join(ird, "modules"))
-        shutil.copy2(os.path.join(root, "bin", "busybox"), os.path.join(ird, "bin", "busybox"))
-        mods = {}
-        for dirpath, _, files in os.walk(os.path.join(root, "lib", "modules", kver)):
-            for f in files:
-                if f.endswith(".ko"):
-                    mods[f[:-3]] = os.path.join(dirpath, f)
-
-        def find(m):
-            return mods.get(m) or mods.get(m.replace("-", "_")) or mods.get(m.replace("_", "-"))
-
+    """Build (or find cached) vmlinux + initramfs with vfio_lab's recipe, our
+    /init and modules, in a cache directory of our own.  Returns their paths."""
+    def populate(ird, find, pkg):
         missing = [m for m in TARGET_MODULES + NINEP_MODULES if find(m) is None]
         if missing:
             raise LabError(f"{pkg} has no module(s) {' '.join(m + '.ko' for m in missing)}")
@@ -236,17 +197,8 @@ def build_guest(log=print):
         for name, lst in (("target", TARGET_MODULES), ("host", host), ("9p", NINEP_MODULES)):
             with open(os.path.join(ird, f"modules.{name}"), "w") as f:
                 f.write("\n".join(lst) + "\n")
-        with open(os.path.join(ird, "init"), "w") as f:
-            f.write(_init_text())
-        os.chmod(os.path.join(ird, "init"), 0o755)
-        vfio_lab.pack_initramfs(ird, os.path.join(work, "initramfs.cpio.gz"))
-        os.makedirs(d, exist_ok=True)
-        os.replace(os.path.join(work, "initramfs.cpio.gz"), initrd)
-        os.replace(os.path.join(work, "vmlinux"), vmlinux)
-        log(f"tcp-lab: guest built in {time.monotonic() - t0:.1f} s")
-        return vmlinux, initrd
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+        return _init_text()
+    return vfio_lab.build_cached_guest("tcp-lab", "tcp-", _digest(), populate, log)
 
 
 def free_port():

@@ -168,18 +168,37 @@ def _init_digest():
 
 def build_guest(log=print):
     """Build (or find cached) vmlinux + initramfs.  Returns their paths."""
+    def populate(ird, find, pkg):
+        for m in MODULES:
+            if find(m) is None:
+                raise LabError(f"{pkg} has no module {m}.ko")
+            shutil.copy2(find(m), os.path.join(ird, "modules", m + ".ko"))
+        with open(os.path.join(ird, "modules.order"), "w") as f:
+            f.write("\n".join(MODULES) + "\n")
+        return INIT
+    return build_cached_guest("vfio-lab", "", _init_digest(), populate, log)
+
+
+def build_cached_guest(lab, prefix, digest, populate, log=print):
+    """The recipe both labs share: Debian's current kernel package and
+    busybox-static, unpacked; vmlinuz -> the ELF vmlinux (PVH: boots a few
+    seconds faster under TCG); an initramfs with busybox, what
+    ``populate(ird, find, pkg)`` puts in ``ird/modules`` (``find(name)``: a
+    module's path in the package, - and _ alike, or None) and the /init text
+    it returns.  Cached under cache_root() by package version and
+    ``digest``; returns (vmlinux, initramfs) paths."""
     check_host()
     pkg, version = kernel_package()
-    key = f"{pkg}_{version}_{_init_digest()}".replace(":", "_")
+    key = f"{prefix}{pkg}_{version}_{digest}".replace(":", "_")
     d = os.path.join(cache_root(), key)
     vmlinux, initrd = os.path.join(d, "vmlinux"), os.path.join(d, "initramfs.cpio.gz")
     if os.path.exists(vmlinux) and os.path.exists(initrd):
         return vmlinux, initrd
     t0 = time.monotonic()
     os.makedirs(cache_root(), exist_ok=True)
-    work = tempfile.mkdtemp(prefix="build-", dir=cache_root())
+    work = tempfile.mkdtemp(prefix=f"build-{prefix}", dir=cache_root())
     try:
-        log(f"vfio-lab: building the guest from {pkg} {version} in {d}")
+        log(f"{lab}: building the guest from {pkg} {version} in {d}")
         _sh("apt-get", "download", "-q", pkg, "busybox-static", cwd=work)
         root = os.path.join(work, "x")
         for deb in os.listdir(work):
@@ -200,22 +219,19 @@ def build_guest(log=print):
             for f in files:
                 if f.endswith(".ko"):
                     mods[f[:-3]] = os.path.join(dirpath, f)
-        for m in MODULES:
-            src = mods.get(m) or mods.get(m.replace("-", "_"))
-            if src is None:
-                raise LabError(f"{pkg} has no module {m}.ko")
-            shutil.copy2(src, os.path.join(ird, "modules", m + ".ko"))
-        with open(os.path.join(ird, "modules.order"), "w") as f:
-            f.write("\n".join(MODULES) + "\n")
+
+        def find(m):
+            return mods.get(m) or mods.get(m.replace("-", "_")) or mods.get(m.replace("_", "-"))
+        init = populate(ird, find, pkg)
         with open(os.path.join(ird, "init"), "w") as f:
-            f.write(INIT)
+            f.write(init)
         os.chmod(os.path.join(ird, "init"), 0o755)
         pack_initramfs(ird, os.path.join(work, "initramfs.cpio.gz"))
 
         os.makedirs(d, exist_ok=True)
         os.replace(os.path.join(work, "initramfs.cpio.gz"), initrd)
         os.replace(os.path.join(work, "vmlinux"), vmlinux)
-        log(f"vfio-lab: guest built in {time.monotonic() - t0:.1f} s")
+        log(f"{lab}: guest built in {time.monotonic() - t0:.1f} s")
         return vmlinux, initrd
     finally:
         shutil.rmtree(work, ignore_errors=True)
