@@ -46,6 +46,37 @@ def tree_sums(root):
     return sums
 
 
+def ext4_fill(dev, fsmnt, tree, ignore):
+    """mkfs.ext4 on a direct-I/O loop device over ``dev``, a copy of
+    ``tree`` into it, unmount, e2fsck -fn: the copy's tree_sums()."""
+    loop = sh("losetup", "--find", "--show", "--direct-io=on", dev).strip()
+    try:
+        sh("mkfs.ext4", "-q", "-F", loop)
+        sh("mount", loop, str(fsmnt))
+        try:
+            shutil.copytree(tree, os.path.join(fsmnt, "tree"), ignore=ignore)
+            sums = tree_sums(os.path.join(fsmnt, "tree"))
+        finally:
+            sh("umount", str(fsmnt))
+        sh("e2fsck", "-fn", loop)
+    finally:
+        subprocess.run(["losetup", "-d", loop])
+    return sums
+
+
+def ext4_check(dev, fsmnt, want):
+    """The ext4_fill() copy on ``dev``, mounted read-only, has ``want``'s sums."""
+    loop = sh("losetup", "--find", "--show", "-r", dev).strip()
+    try:
+        sh("mount", "-o", "ro", loop, str(fsmnt))
+        try:
+            assert tree_sums(os.path.join(fsmnt, "tree")) == want
+        finally:
+            sh("umount", str(fsmnt))
+    finally:
+        subprocess.run(["losetup", "-d", loop])
+
+
 def nvmefs_cmd(*args):
     return [sys.executable, "-m", "nvmefs", *args]
 

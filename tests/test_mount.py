@@ -15,8 +15,8 @@ import time
 import pytest
 
 from conftest import require, require_root_fuse
-from mounthelp import (mounted, nvmefs_cmd, output, read_only_copy, run_cli, sh, start_daemon, stats, stop,
-                       tree_sums, wait_for_mount, ROOT)
+from mounthelp import (ext4_check, ext4_fill, mounted, nvmefs_cmd, output, read_only_copy, run_cli, sh,
+                       start_daemon, stats, stop, wait_for_mount, ROOT)
 
 MiB = 1 << 20
 
@@ -350,28 +350,9 @@ def test_losetup_mkfs_ext4_fsck_and_reopen(paths, tmp_path):
     fsmnt.mkdir()
     tree = os.path.join(ROOT, "nvmefs")
     with mounted(mnt, img, "--size", "128M"):
-        loop = sh("losetup", "--find", "--show", "--direct-io=on", os.path.join(mnt, "nvme0n1")).strip()
-        try:
-            sh("mkfs.ext4", "-q", "-F", loop)
-            sh("mount", loop, str(fsmnt))
-            try:
-                shutil.copytree(tree, fsmnt / "tree", ignore=shutil.ignore_patterns("*.so"))
-                want = tree_sums(fsmnt / "tree")
-            finally:
-                sh("umount", str(fsmnt))
-            sh("e2fsck", "-fn", loop)
-        finally:
-            subprocess.run(["losetup", "-d", loop])
+        want = ext4_fill(os.path.join(mnt, "nvme0n1"), fsmnt, tree, shutil.ignore_patterns("*.so"))
     with mounted(mnt, img):
-        loop = sh("losetup", "--find", "--show", "-r", os.path.join(mnt, "nvme0n1")).strip()
-        try:
-            sh("mount", "-o", "ro", loop, str(fsmnt))
-            try:
-                assert tree_sums(fsmnt / "tree") == want
-            finally:
-                sh("umount", str(fsmnt))
-        finally:
-            subprocess.run(["losetup", "-d", loop])
+        ext4_check(os.path.join(mnt, "nvme0n1"), fsmnt, want)
 
 
 @pytest.mark.usefixtures("fuse_transport")

@@ -15,7 +15,7 @@ import pytest
 import trio
 
 from conftest import require, require_root_fuse
-from mounthelp import ROOT, output, run_cli, sh, start_daemon, stats, stop, tree_sums, wait_for_mount
+from mounthelp import ROOT, ext4_check, ext4_fill, output, run_cli, sh, start_daemon, stats, stop, wait_for_mount
 
 from nvmefs.controller import open_controller
 from nvmefs.tcp import TcpTransport
@@ -218,29 +218,10 @@ def test_mount_dd_fio_and_ext4(nvmet_target, tmp_path, prerequisites):
         assert r.returncode == 0 and json.loads(r.stdout)["cntlid"] != st["transport_stats"]["cntlid"], r.stderr
         r = run_cli("id-ctrl", "--mount", str(mnt), "-o", "json")
         assert r.returncode == 0 and json.loads(r.stdout)["cntlid"] == st["transport_stats"]["cntlid"], r.stderr
-        loop = sh("losetup", "--find", "--show", "--direct-io=on", dev).strip()
-        try:
-            sh("mkfs.ext4", "-q", "-F", loop)
-            sh("mount", loop, str(fsmnt))
-            try:
-                shutil.copytree(os.path.join(ROOT, "nvmefs"), fsmnt / "tree",
-                                ignore=shutil.ignore_patterns("*.so", "__pycache__"))
-                want = tree_sums(fsmnt / "tree")
-            finally:
-                sh("umount", str(fsmnt))
-            sh("e2fsck", "-fn", loop)
-        finally:
-            subprocess.run(["losetup", "-d", loop])
+        want = ext4_fill(dev, fsmnt, os.path.join(ROOT, "nvmefs"),
+                         shutil.ignore_patterns("*.so", "__pycache__"))
     with Mount(mnt, t, "--lanes", "1"):
-        loop = sh("losetup", "--find", "--show", "-r", os.path.join(mnt, "nvme0n1")).strip()
-        try:
-            sh("mount", "-o", "ro", loop, str(fsmnt))
-            try:
-                assert tree_sums(fsmnt / "tree") == want
-            finally:
-                sh("umount", str(fsmnt))
-        finally:
-            subprocess.run(["losetup", "-d", loop])
+        ext4_check(os.path.join(mnt, "nvme0n1"), fsmnt, want)
 
 
 def test_connection_cut_mid_fio_is_survived(nvmet_target, tmp_path, prerequisites):
