@@ -622,6 +622,18 @@ cdef void tq_post(tcpq *c, uint16_t cid, uint16_t status, uint32_t dw0, uint32_t
     c.irq_pending = 1
 
 
+cdef inline void tq_slot_begin(tq_slot *s, uint8_t kind) noexcept nogil:
+    """A slot taken for a new command: nothing answered, sent or received yet."""
+    s.kind = kind
+    s.state = TQS_BUSY
+    s.answered = 0
+    s.deferred = 0
+    s.jobs = 0
+    s.r2t_open = 0
+    s.c2h_next = 0
+    s.r2t_next = 0
+
+
 cdef void tq_fetch(tcpq *c) noexcept nogil:
     """Take new SQEs from the local SQ while a slot and job room are free."""
     cdef uint32_t tail = nvmefs_load_acquire32(c.sq_db), idx
@@ -639,14 +651,7 @@ cdef void tq_fetch(tcpq *c) noexcept nogil:
         if c.sq_head == c.entries:
             c.sq_head = 0
         s.local_cid = (<nvme_sqe *>s.sqe).cid
-        s.kind = TQK_IO
-        s.state = TQS_BUSY
-        s.answered = 0
-        s.deferred = 0
-        s.jobs = 0
-        s.r2t_open = 0
-        s.c2h_next = 0
-        s.r2t_next = 0
+        tq_slot_begin(s, TQK_IO)
         sc = tq_map_data(c, s)
         if sc:
             c.n_local_errors += 1
@@ -659,16 +664,11 @@ cdef void tq_fetch(tcpq *c) noexcept nogil:
         tq_push_job(c, <uint16_t>idx, TQJ_CMD, 0, 0, 0)
 
 
-cdef void tq_start_private(tcpq *c, uint32_t idx, const uint8_t *sqe, uint32_t out_len,
+cdef void tq_start_private(tcpq *c, uint32_t idx, uint8_t kind, const uint8_t *sqe, uint32_t out_len,
                            uint32_t in_len) noexcept nogil:
     cdef tq_slot *s = &c.slots[idx]
     memcpy(s.sqe, sqe, 64)
-    s.state = TQS_BUSY
-    s.answered = 0
-    s.jobs = 0
-    s.r2t_open = 0
-    s.c2h_next = 0
-    s.r2t_next = 0
+    tq_slot_begin(s, kind)
     s.nseg = 0
     s.length = 0
     s.dir = 1 if out_len else (2 if in_len else 0)
@@ -1048,8 +1048,7 @@ cdef void tq_keepalive(tcpq *c, uint64_t now) noexcept nogil:
         return
     memset(sqe, 0, 64)
     sqe[0] = 0x18               # Keep Alive
-    c.slots[idx].kind = TQK_KA
-    tq_start_private(c, idx, sqe, 0, 0)
+    tq_start_private(c, idx, TQK_KA, sqe, 0, 0)
     c.n_ka += 1
     c.ka_next_ns = now + c.kato_ns // 2
 
@@ -1064,8 +1063,7 @@ cdef void *tq_main(void *arg) noexcept nogil:
             idx = c.depth
             if c.slots[idx].state == TQS_FREE:
                 lane_store32(&c.call_pending, 0)
-                c.slots[idx].kind = TQK_CALL
-                tq_start_private(c, idx, c.call_sqe, c.call_out_len, c.call_in_len)
+                tq_start_private(c, idx, TQK_CALL, c.call_sqe, c.call_out_len, c.call_in_len)
         now = nvmefs_now_ns()
         tq_keepalive(c, now)
         if lane_load32(&c.serving):
