@@ -42,28 +42,25 @@ def positive(text):
     return v
 
 
-def float_range(lo, hi):
+def number_range(kind, lo, hi):
+    """An argparse type: ``kind`` (int or float) of ``text`` within lo..hi."""
     def parse(text):
         try:
-            v = float(text)
+            v = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
         if not lo <= v <= hi:
-            raise argparse.ArgumentTypeError(f"{text} is outside {lo:g}..{hi:g}")
+            raise argparse.ArgumentTypeError(f"{text} is outside {lo}..{hi}")
         return v
     return parse
+
+
+def float_range(lo, hi):
+    return number_range(float, lo, hi)
 
 
 def int_range(lo, hi):
-    def parse(text):
-        try:
-            v = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-        if not lo <= v <= hi:
-            raise argparse.ArgumentTypeError(f"{v} is outside {lo}..{hi}")
-        return v
-    return parse
+    return number_range(int, lo, hi)
 
 
 def emit(args, data, table):
