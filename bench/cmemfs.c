@@ -17,7 +17,7 @@
  * worker thread); otherwise the single-threaded loop.  The file is "data".
  * The process runs in the foreground until unmounted (fusermount3 -u).
  */
-#define FUSE_USE_VERSION 34
+#define FUSE_USE_VERSION 312     /* fuse_loop_cfg_*: 3.12 */
 #define _GNU_SOURCE
 #include <fuse_lowlevel.h>
 

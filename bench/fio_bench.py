@@ -13,6 +13,10 @@ Targets (all mounted for the whole run; each row runs them back to back):
   cmemfs-st   bench/cmemfs.c: a C server on plain libfuse 3, low-level API,
               direct_io, memcpy only; single-threaded loop
   cmemfs-mt   the same on libfuse's multithreaded loop with clone_fd
+  cmemfs-uring  the same C server built against a libfuse with FUSE over
+              io_uring (3.18 or newer: --libfuse-uring PREFIX, where it was
+              installed) and run with it on: what the kernel's io_uring
+              transport gives a memcpy-only C server on this machine
   qsd         qemu-storage-daemon's FUSE export of a raw image on /dev/shm
   tmpfs       a plain file on /dev/shm, no FUSE (the medium's own speed)
 
@@ -26,7 +30,8 @@ MISS: nvmefs >= 1.0x the best of cmemfs-st/-mt on each row, >= 2x qsd on each
 row, unaligned >= 0.8x aligned 4 KiB writes at QD32, and nvmefs (2 lanes here)
 >= 1.3x nvmefs-l1 at QD32; and those of issue 14: nvmefs-uring >= 1.5x the
 best cmemfs on the 4 KiB rows, >= 1.0x on the 1 MiB rows, >= 1.2x nvmefs at
-QD1.  Writes JSON and a PNG.  Also samples the nvmefs
+QD1; with cmemfs-uring, also its own ratio to the best /dev/fuse cmemfs (the
+transport's gain for a C server) and nvmefs-uring's to it, for reference.  Writes JSON and a PNG.  Also samples the nvmefs
 daemon's memory: anonymous RSS (the daemon's own heap, buffers and queues);
 the image's written pages are mapped shared and are the image file's page
 cache, not the daemon's.
@@ -60,7 +65,10 @@ ROWS = [
     # through the page cache, fsync at the end: what --page-cache is for
     ("buffered randwrite 4k", "randwrite", "4k", "psync", 1, 0),
 ]
-ALL_TARGETS = ("nvmefs", "nvmefs-uring", "nvmefs-l1", "nvmefs-pc", "cmemfs-st", "cmemfs-mt", "qsd", "tmpfs")
+ALL_TARGETS = ("nvmefs", "nvmefs-uring", "nvmefs-l1", "nvmefs-pc", "cmemfs-st", "cmemfs-mt", "cmemfs-uring",
+               "qsd", "tmpfs")
+URING_TARGETS = ("nvmefs-uring", "cmemfs-uring")
+CMEMFS_URING = os.path.join(HERE, "cmemfs-uring")
 URING_PARAM = "/sys/module/fuse/parameters/enable_uring"
 
 
@@ -86,8 +94,9 @@ def wait_ready(path, proc, size, timeout=30):
 
 
 @contextlib.contextmanager
-def daemon(argv, path, size, umount):
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+def daemon(argv, path, size, umount, env=None):
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, **(env or {})))
     try:
         wait_ready(path, proc, size)
         yield proc
@@ -163,13 +172,36 @@ class RssSampler(threading.Thread):
             time.sleep(0.1)
 
 
-def build_cmemfs():
+def build_cmemfs(out=CMEMFS, prefix=None):
+    """bench/cmemfs.c against the system's libfuse, or (``prefix``) against
+    the one installed there, found at run time through an rpath."""
     src = CMEMFS + ".c"
-    if os.path.exists(CMEMFS) and os.path.getmtime(CMEMFS) >= os.path.getmtime(src):
+    if prefix is None and os.path.exists(out) and os.path.getmtime(out) >= os.path.getmtime(src):
         return
+    env = dict(os.environ)
+    extra = []
+    if prefix is not None:
+        pc = [d for d in (os.path.join(prefix, sub, "pkgconfig") for sub in ("lib", "lib64", "lib/x86_64-linux-gnu"))
+              if os.path.exists(os.path.join(d, "fuse3.pc"))]
+        if not pc:
+            raise SystemExit(f"--libfuse-uring {prefix}: no lib/pkgconfig/fuse3.pc there")
+        env["PKG_CONFIG_PATH"] = pc[0]
+        extra = [f"-Wl,-rpath,{os.path.dirname(pc[0])}"]
     flags = subprocess.run(["pkg-config", "--cflags", "--libs", "fuse3"], capture_output=True, text=True,
-                           check=True).stdout.split()
-    subprocess.run(["cc", "-O2", "-Wall", "-Wextra", "-o", CMEMFS, src, *flags], check=True)
+                           check=True, env=env).stdout.split()
+    subprocess.run(["cc", "-O2", "-Wall", "-Wextra", "-o", out, src, *flags, *extra], check=True)
+
+
+def ring_threads(pid):
+    """libfuse names its io_uring queue threads fuse-ring-N."""
+    names = []
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/comm") as f:
+                names.append(f.read().strip())
+        except OSError:
+            pass
+    return [n for n in names if n.startswith("fuse-ring")]
 
 
 def start_target(stack, target, tmp, size_bytes, image_dir, mount_args):
@@ -190,8 +222,17 @@ def start_target(stack, target, tmp, size_bytes, image_dir, mount_args):
         os.mkdir(mnt)
         path = os.path.join(mnt, "data")
         mt = ["--mt"] if target == "cmemfs-mt" else []
-        proc = stack.enter_context(daemon([CMEMFS, mnt, str(size_bytes), *mt], path, size_bytes,
-                                          ["fusermount3", "-u", mnt]))
+        binary = CMEMFS_URING if target == "cmemfs-uring" else CMEMFS
+        env = {"FUSE_URING_ENABLE": "1" if target == "cmemfs-uring" else "0"}
+        proc = stack.enter_context(daemon([binary, mnt, str(size_bytes), *mt], path, size_bytes,
+                                          ["fusermount3", "-u", mnt], env=env))
+        if target == "cmemfs-uring":
+            # a request, then the rings must be there: else this column
+            # would quietly be /dev/fuse
+            with open(path, "rb") as f:
+                f.read(4096)
+            if not ring_threads(proc.pid):
+                raise SystemExit("cmemfs-uring: libfuse did not start FUSE over io_uring")
         return path, proc
     if target == "qsd":
         raw = os.path.join(image_dir, "qsd.raw")
@@ -223,6 +264,7 @@ def verdicts(results, rows, targets):
         return results[t][r]["iops"]
 
     cm = [t for t in ("cmemfs-st", "cmemfs-mt") if t in targets]
+    data_rows = [r[0] for r in rows if not r[0].startswith("buffered")]
     for name in (r[0] for r in rows if not r[0].startswith("buffered")):
         if "nvmefs" not in targets:
             break
@@ -250,6 +292,15 @@ def verdicts(results, rows, targets):
                 out.append((f"uring / cmemfs best    {name}", ur / best, 1.0 if "1M" in name else 1.5))
             if "nvmefs" in targets and "QD1" in name:
                 out.append((f"uring / nvmefs         {name}", ur / nv[name]["iops"], 1.2))
+    if "cmemfs-uring" in targets:
+        # for reference (no floor): the kernel transport's own gain for a C
+        # memcpy server here, and where the lanes stand against libfuse's rings
+        for name in data_rows:
+            cu = iops("cmemfs-uring", name)
+            if cm:
+                out.append((f"cmemfs uring / dev     {name}", cu / max(iops(t, name) for t in cm), None))
+            if "nvmefs-uring" in targets:
+                out.append((f"uring / cmemfs-uring   {name}", iops("nvmefs-uring", name) / cu, None))
     return out
 
 
@@ -258,11 +309,14 @@ def main(argv=None):
     ap.add_argument("--runtime", type=int, default=3, help="seconds per fio run (default 3)")
     ap.add_argument("--size", default="1G", help="region fio uses in each file (default 1G)")
     ap.add_argument("--out", default=os.path.join(HERE, "results"), help="directory for JSON and PNG")
-    ap.add_argument("--targets", default=",".join(ALL_TARGETS), help="comma-separated subset of "
-                    + ", ".join(ALL_TARGETS))
+    ap.add_argument("--targets", default=None, help="comma-separated subset of " + ", ".join(ALL_TARGETS)
+                    + " (default: all; cmemfs-uring only with --libfuse-uring)")
     ap.add_argument("--repeat", type=int, default=2, help="runs per row and target; the best counts (default 2)")
     ap.add_argument("--rows", default="", help="only rows whose name contains this (e.g. QD32)")
     ap.add_argument("--mount-args", default="", help="extra arguments for `nvmefs mount`")
+    ap.add_argument("--libfuse-uring", metavar="PREFIX", default=None,
+                    help="where a libfuse >= 3.18 with io_uring is installed (lib/pkgconfig/fuse3.pc): "
+                         "the cmemfs-uring target is built against it")
     ap.add_argument("--image-dir", default="/dev/shm",
                     help="where the images live (default /dev/shm: every target backs onto the same tmpfs)")
     args = ap.parse_args(argv)
@@ -270,20 +324,26 @@ def main(argv=None):
     if not rows:
         raise SystemExit(f"no row matches {args.rows!r}")
     size_bytes = parse_size(args.size)
-    targets = args.targets.split(",")
+    targets = args.targets.split(",") if args.targets else \
+        [t for t in ALL_TARGETS if t != "cmemfs-uring" or args.libfuse_uring]
     for t in targets:
         if t not in ALL_TARGETS:
             raise SystemExit(f"unknown target {t!r} (one of {', '.join(ALL_TARGETS)})")
     for tool in ("fio", "fusermount3") + (("qemu-storage-daemon",) if "qsd" in targets else ()):
         if not shutil.which(tool):
             raise SystemExit(f"{tool} not found (make bench installs fio, fuse3 and qemu-system-common)")
+    if "cmemfs-uring" in targets and args.libfuse_uring is None:
+        raise SystemExit("the cmemfs-uring target needs --libfuse-uring PREFIX (a libfuse >= 3.18 installed there)")
     if any(t.startswith("cmemfs") for t in targets):
         build_cmemfs()
+    if "cmemfs-uring" in targets:
+        build_cmemfs(CMEMFS_URING, args.libfuse_uring)
     uring_was = None
-    if "nvmefs-uring" in targets and not os.path.exists(URING_PARAM):
-        print("nvmefs-uring left out: this kernel has no FUSE over io_uring", flush=True)
-        targets.remove("nvmefs-uring")
-    if "nvmefs-uring" in targets:
+    for t in URING_TARGETS:
+        if t in targets and not os.path.exists(URING_PARAM):
+            print(f"{t} left out: this kernel has no FUSE over io_uring", flush=True)
+            targets.remove(t)
+    if any(t in targets for t in URING_TARGETS):
         with open(URING_PARAM) as f:
             uring_was = f.read().strip()
         with open(URING_PARAM, "w") as f:
@@ -333,7 +393,9 @@ def main(argv=None):
     if checks:
         print("\ntargets")
         for text, ratio, floor in checks:
-            print(f"  {text:<48} {ratio:6.2f}x  (>= {floor:.1f})  {'PASS' if ratio >= floor else 'MISS'}")
+            verdict = "(reference)" if floor is None else \
+                f"(>= {floor:.1f})  {'PASS' if ratio >= floor else 'MISS'}"
+            print(f"  {text:<48} {ratio:6.2f}x  {verdict}")
     if rss_peak is not None:
         print(f"\nnvmefs daemon peak anonymous RSS on a 1 TiB sparse image: {rss_peak / (1 << 20):.1f} MiB")
     with open(os.path.join(args.out, "fio_bench.json"), "w") as f:
