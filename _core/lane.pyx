@@ -46,6 +46,8 @@ cdef extern from "lane_sys.h" nogil:
     int lane_ring_ready(lane_ring *r)
     uint32_t lane_load32(const uint32_t *p)
     uint32_t lane_dec32(uint32_t *p)
+    uint32_t lane_inc32(uint32_t *p)
+    int lane_dec32_above(uint32_t *p, uint32_t floor)
     void lane_store32(uint32_t *p, uint32_t v)
     uint64_t lane_load64(const uint64_t *p)
     void lane_store64(uint64_t *p, uint64_t v)
@@ -403,6 +405,12 @@ cdef struct lane_t:
     uint32_t nfwd               # entries whose request pyfuse3 holds
     uint8_t conn_gone           # the connection ended (ENODEV, ENOTCONN): nothing more can be answered
     uint8_t fuse_readable       # poll() saw the /dev/fuse channel readable
+    uint8_t fuse_away           # not polling /dev/fuse (lane_send_idle_away)
+    uint32_t go_away            # set by a lane that read FUSE_CHECK_EVERY requests while this one had none
+    uint32_t away_ms            # how long an away lane sleeps before it reads again
+    uint32_t since_check        # requests read since this lane last looked at the others
+    uint64_t *seen              # [nlanes]: each lane's n_received + n_handed_in at that look
+    uint64_t n_fuse_away
     uint32_t fuse_skip          # loop turns since /dev/fuse was last read (rings active)
     uint64_t n_ring_requests, n_ring_commits, n_ring_forwarded, n_ring_ended, n_register_errors
     uint64_t n_ring_reply_misses, n_commit_errors
@@ -423,6 +431,7 @@ cdef struct lane_shared:
     uint32_t zero_len
     uint32_t max_lba            # the largest LBA the buffers leave room for
     uint32_t readers            # lanes still reading /dev/fuse: while any is, one may hand over
+    uint32_t watchers           # reading lanes that poll /dev/fuse (not fuse_away): never 0 while any reads
     # non-data requests go to pyfuse3 (fuseshim forward.c); NULL: ENOSYS
     int (*forward)(const void *req, size_t len, int reply_fd) noexcept nogil
     int (*forwarded)(uint64_t unique) noexcept nogil
@@ -541,6 +550,9 @@ cdef inline void fifo_push(lane_t *ln, uint32_t *head, uint32_t *tail, uint32_t 
 
 # -- the thread ---------------------------------------------------------------------------
 
+DEF FUSE_CHECK_EVERY = 32       # requests a lane reads before it looks for idle lanes (lane_send_idle_away)
+DEF AWAY_MS_MAX = 128           # the longest an away lane sleeps before it reads /dev/fuse again
+
 cdef void *lane_main(void *arg) noexcept nogil:
     cdef lane_t *ln = <lane_t *>arg
     lane_loop(ln)
@@ -624,14 +636,71 @@ cdef void lane_loop(lane_t *ln) noexcept nogil:
         if <size_t>n < sizeof(fuse_in_header):
             lane_stop_reading(ln, -EIO)     # libfuse's "short read on fuse device"
             continue
-        ln.n_received += 1
+        lane_store64(&ln.n_received, ln.n_received + 1)     # other lanes read it (lane_send_idle_away)
+        if ln.fuse_away:
+            lane_fuse_rejoin(ln)
+        ln.since_check += 1
+        if ln.since_check >= FUSE_CHECK_EVERY and not ln.nent:
+            lane_send_idle_away(ln)
         lane_dispatch(ln, into, <size_t>n, bi, ln.fd)
+
+
+# /dev/fuse has one queue for all its channels, and poll() on it is not an
+# exclusive wait: every lane sleeping in poll wakes for every request, and
+# all but one find it empty.  With a caller at QD1 on CPU 0 the lane on
+# CPU 1 woke for each request (31k context switches a second) and served
+# none, and the cross-CPU wake-ups held the mount to a third of what one
+# lane does there.  So a lane that read FUSE_CHECK_EVERY requests while
+# another read none and was handed none sends that one away: it stops
+# polling /dev/fuse and reads it now and then (1 ms, doubling to 128 ms),
+# and polls again as soon as it reads a request, is handed one of a caller
+# on its CPU, or is the last lane left.  Under load every lane reads and all
+# of them poll.  io_uring has no such race: the kernel queues a request on
+# its caller's CPU.
+cdef void lane_send_idle_away(lane_t *ln) noexcept nogil:
+    cdef uint32_t j
+    cdef uint64_t r
+    cdef lane_t *o
+    ln.since_check = 0
+    for j in range(ln.sh.nlanes):
+        if j == ln.id:
+            continue
+        o = ln.sh.lanes[j]
+        # what it read or was handed (a caller on its CPU): either way it works
+        r = lane_load64(&o.n_received) + lane_load64(&o.n_handed_in)
+        if r == ln.seen[j] and not lane_load32(&o.go_away):
+            lane_store32(&o.go_away, 1)
+            lane_wake(o.wake_fd)
+        ln.seen[j] = r
+
+
+cdef void lane_go_away(lane_t *ln) noexcept nogil:
+    lane_store32(&ln.go_away, 0)
+    if ln.fuse_away or ln.nent or not ln.reading:
+        return
+    if lane_dec32_above(&ln.sh.watchers, 0):
+        ln.fuse_away = 1
+        ln.away_ms = 1
+        ln.n_fuse_away += 1
+
+
+cdef void lane_fuse_rejoin(lane_t *ln) noexcept nogil:
+    ln.fuse_away = 0
+    lane_inc32(&ln.sh.watchers)
 
 
 cdef void lane_stop_reading(lane_t *ln, int32_t err) noexcept nogil:
     cdef uint32_t k
     if ln.reading:
         ln.reading = False
+        if ln.fuse_away:
+            ln.fuse_away = 0
+        elif lane_dec32(&ln.sh.watchers) == 0:
+            # the lanes that stopped polling must watch again (or find the
+            # connection gone) now, not at their next look
+            for k in range(ln.sh.nlanes):
+                if k != ln.id:
+                    lane_wake(ln.sh.lanes[k].wake_fd)
         if lane_dec32(&ln.sh.readers) == 0:
             # the last reader: nobody hands requests over any more, and the
             # others may now end (lane_may_end)
@@ -673,7 +742,11 @@ cdef bint lane_take_handed(lane_t *ln) noexcept nogil:
             ln.nfreebuf += 1
             got = True
         while ln.nfreereq and lane_ring_pop(&sh.inbox[ln.id * sh.nlanes + j], &x):
-            ln.n_handed_in += 1
+            lane_store64(&ln.n_handed_in, ln.n_handed_in + 1)  # read by lane_send_idle_away
+            if ln.fuse_away:
+                # a caller on this lane's CPU: its next requests are better
+                # read here than handed over
+                lane_fuse_rejoin(ln)
             if x.home == LANE_NONE:
                 lane_backlog_link(ln, <lane_backlog *>x.buf)
             else:
@@ -729,7 +802,17 @@ cdef void lane_wait(lane_t *ln, bint want_fuse) noexcept nogil:
             np += 1
         else:
             timeout = 0         # a polled queue: nothing signals it, watch it
-    cdef int fuse_at = -1
+    cdef int fuse_at = -1, away = -1
+    if lane_load32(&ln.go_away):
+        lane_go_away(ln)
+    if want_fuse and ln.fuse_away:
+        if ln.nent or lane_load32(&ln.sh.watchers) == 0:
+            lane_fuse_rejoin(ln)
+        else:
+            want_fuse = False
+            away = <int>ln.away_ms
+            if ln.away_ms < AWAY_MS_MAX:
+                ln.away_ms *= 2
     if want_fuse:
         fuse_at = np
         p[np].fd = ln.fd
@@ -758,6 +841,8 @@ cdef void lane_wait(lane_t *ln, bint want_fuse) noexcept nogil:
         if due:
             now = nvmefs_now_ns()
             timeout = 0 if due <= now else <int>((due - now) // 1000000) + 1
+    if away >= 0 and (timeout < 0 or timeout > away):
+        timeout = away
     lane_store32(&ln.sleeping, 1)
     nvmefs_mb()
     if lane_work_waiting(ln) or (ln.nent and (lu_ready(&ln.uring) or ln.uring.pending)):
@@ -1183,8 +1268,9 @@ cdef class LaneSet:
             ln.dl = <lane_delayed *>malloc(ln.dlcap * sizeof(lane_delayed))
             ln.spare = <uint8_t *>malloc(ln.readsize)
             ln.wakebuf = <uint8_t *>calloc(n, 1)
+            ln.seen = <uint64_t *>calloc(n, sizeof(uint64_t))
             if (ln.freebuf == NULL or ln.req == NULL or ln.freereq == NULL or ln.dl == NULL
-                    or ln.spare == NULL or ln.wakebuf == NULL):
+                    or ln.spare == NULL or ln.wakebuf == NULL or ln.seen == NULL):
                 raise MemoryError()
             if lane_ring_init(&ln.events, LANE_EVENTS, sizeof(lane_event)):
                 raise MemoryError()
@@ -1244,6 +1330,7 @@ cdef class LaneSet:
                 free(ln.dl)
                 free(ln.spare)
                 free(ln.wakebuf)
+                free(ln.seen)
                 free(ln)
         if self.sh.inbox != NULL:
             for i in range(n * n):
@@ -1441,6 +1528,7 @@ cdef class LaneSet:
             self.lanes[i].own_fd = own
             self.lanes[i].reading = True
         self.sh.readers = self.count
+        self.sh.watchers = self.count
         self.started = True
         for i in range(self.count):
             ln = self.lanes[i]
@@ -1569,7 +1657,7 @@ cdef class LaneSet:
                 "split": ln.n_split, "retries": ln.n_retries, "errors": ln.n_errors,
                 "lost_to_reset": ln.n_lost, "range_waits": ln.n_range_waits, "sq_waits": ln.n_sq_waits,
                 "buffer_waits": ln.n_buffer_waits, "spun": ln.n_spun, "reply_errors": ln.n_reply_errors,
-                "timeouts": ln.n_timeouts, "sleeps": ln.n_sleeps, "bytes_read": ln.bytes_read,
+                "timeouts": ln.n_timeouts, "sleeps": ln.n_sleeps, "fuse_away": ln.n_fuse_away, "bytes_read": ln.bytes_read,
                 "bytes_written": ln.bytes_written, "in_flight": ln.active, "max_in_flight": ln.max_active,
                 "buffers": ln.nbuf, "attached": bool(ln.attached), "failed": bool(ln.failed),
                 "running": bool(ln.running), "events_lost": ln.events_lost,

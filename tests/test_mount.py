@@ -147,6 +147,41 @@ def test_a_request_is_served_by_the_lane_of_its_cpu(paths, tmp_path):
             assert writes == [50 if i == k else 0 for i in range(len(cpus))], writes
 
 
+def test_dev_fuse_lanes_that_serve_nothing_stop_polling(paths):
+    """/dev/fuse wakes every lane polling it for each request.  A QD1
+    reader pinned to the first CPU: its lane serves every request and sends
+    the others, which serve none, away from /dev/fuse (they look now and
+    then, not once per request).  The data reads back."""
+    cpus = sorted(os.sched_getaffinity(0))
+    require(len(cpus) >= 2, "two CPUs")
+    mnt, img = paths
+    n = 3000
+    with mounted(mnt, img, "--size", "16M", "--fuse-transport", "dev"):
+        dev = os.path.join(mnt, "nvme0n1")
+        data = os.urandom(4 * MiB)
+        fd = os.open(dev, os.O_WRONLY)
+        try:
+            os.pwrite(fd, data, 0)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        before = stats(mnt)["lanes"]["lanes"]
+        # 4 KiB reads at QD1, O_DIRECT, over the 4 MiB written (n / 1024 rounds)
+        r = subprocess.run(["dd", f"if={dev}", "of=/dev/null", "bs=4k", f"count={n}", "iflag=direct",
+                            "status=none"], preexec_fn=lambda: os.sched_setaffinity(0, {cpus[0]}),
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        after = stats(mnt)["lanes"]["lanes"]
+        reads = [a["reads"] - b["reads"] for a, b in zip(after, before)]
+        assert reads == [n] + [0] * (len(cpus) - 1), reads
+        for a, b in zip(after[1:], before[1:]):
+            assert a["fuse_away"] >= 1, a
+            assert a["sleeps"] - b["sleeps"] < n // 4, (a["sleeps"] - b["sleeps"], a)
+        got = subprocess.run(["dd", f"if={dev}", "bs=1M", "count=4", "iflag=direct", "status=none"],
+                             capture_output=True, timeout=60).stdout
+        assert got == data
+
+
 @pytest.mark.usefixtures("fuse_transport")
 def test_fio_verify_aligned_unaligned_and_overlapping(paths):
     """fio verify at QD16 on a 4 KiB-LBA namespace: 512-byte aligned

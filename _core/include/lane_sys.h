@@ -89,6 +89,21 @@ static inline uint32_t lane_dec32(uint32_t *p)
     return __atomic_sub_fetch(p, 1, __ATOMIC_ACQ_REL);
 }
 
+static inline uint32_t lane_inc32(uint32_t *p)
+{
+    return __atomic_add_fetch(p, 1, __ATOMIC_ACQ_REL);
+}
+
+/* decrement *p unless that would take it to `floor` or below: 1 if it did */
+static inline int lane_dec32_above(uint32_t *p, uint32_t floor)
+{
+    uint32_t v = __atomic_load_n(p, __ATOMIC_ACQUIRE);
+    while (v > floor + 1)
+        if (__atomic_compare_exchange_n(p, &v, v - 1, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))
+            return 1;
+    return 0;
+}
+
 static inline void lane_store32(uint32_t *p, uint32_t v)
 {
     __atomic_store_n(p, v, __ATOMIC_RELEASE);
