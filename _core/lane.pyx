@@ -966,9 +966,10 @@ cdef void lane_dispatch(lane_t *ln, uint8_t *buf, size_t n, uint32_t bi, int32_t
         return
     if not lane_is_data(h.opcode):
         if h.opcode == FUSE_GETXATTR and lane_xattr_is_none(buf, n):
-            # FUSE clears SB_NOSEC, so with the writeback cache every
-            # write() asks for security.capability first: answered here,
-            # it is not a trip through Python per write
+            # the kernel asks for security.capability before an inode's
+            # first buffered write (FUSE_HANDLE_KILLPRIV_V2 makes that the
+            # only time, forward.c), and tools ask for security.* and
+            # system.* names: answered here, not a trip through Python
             ln.n_xattr_none += 1
             lane_reply(ln, reply_fd, h.unique, ENODATA, NULL, 0)
             return

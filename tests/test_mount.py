@@ -284,9 +284,11 @@ def test_page_cache_mode_is_coherent(paths, tmp_path):
 @pytest.mark.usefixtures("fuse_transport")
 def test_page_cache_gathers_writes_and_fsync_still_flushes(paths, tmp_path):
     """--page-cache negotiates FUSE's writeback cache: 256 buffered 4 KiB
-    write() calls reach the lanes as far fewer WRITE requests, fsync ends in
-    a Flush, and the data is on the device after a remount.  A buffered
-    write past the end is cut at the end, and fsync says so (ENOSPC)."""
+    write() calls reach the lanes as far fewer WRITE requests, and after
+    the first none of them asks for security.capability (the mount asked
+    for FUSE_HANDLE_KILLPRIV_V2); fsync ends in a Flush, and the data is on
+    the device after a remount.  A buffered write past the end is cut at
+    the end, and fsync says so (ENOSPC)."""
     mnt, img = paths
     data = os.urandom(MiB)
     with mounted(mnt, img, "--size", "64M", "--page-cache"):
@@ -294,12 +296,15 @@ def test_page_cache_gathers_writes_and_fsync_still_flushes(paths, tmp_path):
         before = stats(mnt)
         fd = os.open(dev, os.O_RDWR)
         try:
-            for k in range(256):
+            assert os.pwrite(fd, data[:4096], 8 * MiB) == 4096
+            asked = lane_totals(stats(mnt), "xattr_none")
+            for k in range(1, 256):
                 assert os.pwrite(fd, data[k * 4096:(k + 1) * 4096], 8 * MiB + k * 4096) == 4096
             os.fsync(fd)
             after = stats(mnt)
             writes = lane_totals(after, "writes") - lane_totals(before, "writes")
             assert 1 <= writes <= 64, f"{writes} WRITE requests for 256 write() calls"
+            assert lane_totals(after, "xattr_none") == asked, "write() still asks for security.capability"
             assert lane_totals(after, "flushes") > lane_totals(before, "flushes")
             assert os.pwrite(fd, b"xyz", 64 * MiB - 2) == 3       # the page cache takes it all
             with pytest.raises(OSError) as e:

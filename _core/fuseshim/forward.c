@@ -52,6 +52,18 @@ static void (*uring_hook)(void *ctx, int ok);
 static void *uring_ctx;
 static int uring_offered;
 
+/* FUSE clears SB_NOSEC, so every buffered write() first asks the server
+ * for security.capability (file_remove_privs), a round trip per write:
+ * half of what a --page-cache mount spent on 4 KiB writes.  With
+ * FUSE_HANDLE_KILLPRIV_V2 the kernel sets SB_NOSEC (fs/fuse/inode.c
+ * process_init_reply) and marks the inode S_NOSEC after its first write
+ * found nothing to kill.  What the flag asks of the server -- drop
+ * suid/sgid and capabilities on write, truncate and chown -- is empty
+ * here: the namespace files are 0644, mode and owner changes are refused
+ * (nvmefs/fusefs.py setattr) and no security.* attribute can be set.
+ * libfuse 3.14 cannot ask for it (3.17 can), so it is added here. */
+static int killpriv_v2_offered;
+
 static unsigned bucket(uint64_t unique)
 {
     return (unsigned)((unique >> 1) * 0x9E3779B97F4A7C15ull >> 54) % ROUTE_BUCKETS;
@@ -98,20 +110,23 @@ static void note_init(const void *req, size_t len)
     if (len < sizeof(struct fuse_in_header) + sizeof *ii)
         return;                 /* an old kernel: no flags2 */
     uring_offered = (ii->flags & FUSE_INIT_EXT) && (ii->flags2 & OVER_IO_URING_FLAGS2);
+    killpriv_v2_offered = (ii->flags & FUSE_HANDLE_KILLPRIV_V2) != 0;
 }
 
-/* libfuse's answer to FUSE_INIT, asking for io_uring too when the kernel
- * offered it; the hook learns whether it was asked (and written). */
+/* libfuse's answer to FUSE_INIT, asking for FUSE_HANDLE_KILLPRIV_V2 and
+ * io_uring too when the kernel offered them; the hook learns whether
+ * io_uring was asked (and written). */
 static ssize_t write_init_reply(int fd, struct iovec *iov, int count)
 {
     const struct fuse_out_header *out = iov[0].iov_base;
     struct fuse_init_out io;
     struct iovec patched[2];
     ssize_t n;
-    int ask = uring_hook != NULL && uring_offered && out->error == 0 && count == 2
-              && iov[1].iov_len >= offsetof(struct fuse_init_out, flags2) + sizeof io.flags2
-              && iov[1].iov_len <= sizeof io;
-    if (!ask) {
+    int fits = out->error == 0 && count == 2
+               && iov[1].iov_len >= offsetof(struct fuse_init_out, flags2) + sizeof io.flags2
+               && iov[1].iov_len <= sizeof io;
+    int ask = fits && uring_hook != NULL && uring_offered;
+    if (!fits || !(ask || killpriv_v2_offered)) {
         n = writev(fd, iov, count);
         if (uring_hook != NULL)
             uring_hook(uring_ctx, 0);
@@ -119,15 +134,20 @@ static ssize_t write_init_reply(int fd, struct iovec *iov, int count)
     }
     memset(&io, 0, sizeof io);
     memcpy(&io, iov[1].iov_base, iov[1].iov_len);
-    io.flags |= FUSE_INIT_EXT;
-    io.flags2 |= OVER_IO_URING_FLAGS2;
+    if (killpriv_v2_offered)
+        io.flags |= FUSE_HANDLE_KILLPRIV_V2;
+    if (ask) {
+        io.flags |= FUSE_INIT_EXT;
+        io.flags2 |= OVER_IO_URING_FLAGS2;
+    }
     patched[0] = iov[0];
     patched[1].iov_base = &io;
     patched[1].iov_len = iov[1].iov_len;
     n = writev(fd, patched, 2);
     /* the kernel processed the answer within the write: registering now is
      * in order */
-    uring_hook(uring_ctx, n > 0);
+    if (uring_hook != NULL)
+        uring_hook(uring_ctx, ask && n > 0);
     return n;
 }
 
@@ -302,6 +322,7 @@ void nvmefs_forward_close(void)
     uring_hook = NULL;
     uring_ctx = NULL;
     uring_offered = 0;
+    killpriv_v2_offered = 0;
     while ((f = head) != NULL) {
         head = f->next;
         free(f->mem);
