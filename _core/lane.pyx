@@ -406,10 +406,11 @@ cdef struct lane_t:
     uint8_t conn_gone           # the connection ended (ENODEV, ENOTCONN): nothing more can be answered
     uint8_t fuse_readable       # poll() saw the /dev/fuse channel readable
     uint8_t fuse_away           # not polling /dev/fuse (lane_send_idle_away)
-    uint32_t go_away            # set by a lane that read FUSE_CHECK_EVERY requests while this one had none
+    uint32_t go_away            # set by a lane that read FUSE_CHECK_EVERY requests while this one kept none
     uint32_t away_ms            # how long an away lane sleeps before it reads again
     uint32_t since_check        # requests read since this lane last looked at the others
-    uint64_t *seen              # [nlanes]: each lane's n_received + n_handed_in at that look
+    uint64_t *seen              # [nlanes]: each lane's lane_kept() at that look
+    uint64_t n_routed           # requests read here and handed to the lane of their caller's CPU
     uint64_t n_fuse_away
     uint32_t fuse_skip          # loop turns since /dev/fuse was last read (rings active)
     uint64_t n_ring_requests, n_ring_commits, n_ring_forwarded, n_ring_ended, n_register_errors
@@ -637,10 +638,9 @@ cdef void lane_loop(lane_t *ln) noexcept nogil:
             lane_stop_reading(ln, -EIO)     # libfuse's "short read on fuse device"
             continue
         lane_store64(&ln.n_received, ln.n_received + 1)     # other lanes read it (lane_send_idle_away)
-        if ln.fuse_away:
-            lane_fuse_rejoin(ln)
+        lane_worked(ln)
         ln.since_check += 1
-        if ln.since_check >= FUSE_CHECK_EVERY and not ln.nent:
+        if ln.since_check >= FUSE_CHECK_EVERY and not ln.nent_alive:
             lane_send_idle_away(ln)
         lane_dispatch(ln, into, <size_t>n, bi, ln.fd)
 
@@ -651,12 +651,15 @@ cdef void lane_loop(lane_t *ln) noexcept nogil:
 # CPU 1 woke for each request (31k context switches a second) and served
 # none, and the cross-CPU wake-ups held the mount to a third of what one
 # lane does there.  So a lane that read FUSE_CHECK_EVERY requests while
-# another read none and was handed none sends that one away: it stops
+# another kept none (it read none, or handed each one to the lane of its
+# caller's CPU, a hop more) and was handed none sends that one away: it stops
 # polling /dev/fuse and reads it now and then (1 ms, doubling to 128 ms),
 # and polls again as soon as it reads a request, is handed one of a caller
 # on its CPU, or is the last lane left.  Under load every lane reads and all
 # of them poll.  io_uring has no such race: the kernel queues a request on
-# its caller's CPU.
+# its caller's CPU (the rule is off while the rings carry the requests).
+# go_away stays set while a lane is away, so the lane that sent it away
+# does not wake it again at each check.
 cdef void lane_send_idle_away(lane_t *ln) noexcept nogil:
     cdef uint32_t j
     cdef uint64_t r
@@ -666,27 +669,46 @@ cdef void lane_send_idle_away(lane_t *ln) noexcept nogil:
         if j == ln.id:
             continue
         o = ln.sh.lanes[j]
-        # what it read or was handed (a caller on its CPU): either way it works
-        r = lane_load64(&o.n_received) + lane_load64(&o.n_handed_in)
+        r = lane_kept(o)
         if r == ln.seen[j] and not lane_load32(&o.go_away):
             lane_store32(&o.go_away, 1)
             lane_wake(o.wake_fd)
         ln.seen[j] = r
 
 
+cdef inline uint64_t lane_kept(lane_t *o) noexcept nogil:
+    """What lane ``o`` served: the requests it read and kept, and those it
+    was handed (a caller on its CPU).  Read by the other lanes, the three
+    counts not at one instant: a request caught between them makes a lane
+    look busy for one check more, which only delays a send-away."""
+    cdef uint64_t routed = lane_load64(&o.n_routed)
+    return lane_load64(&o.n_received) + lane_load64(&o.n_handed_in) - routed
+
+
 cdef void lane_go_away(lane_t *ln) noexcept nogil:
-    lane_store32(&ln.go_away, 0)
-    if ln.fuse_away or ln.nent or not ln.reading:
+    if ln.fuse_away:
         return
-    if lane_dec32_above(&ln.sh.watchers, 0):
+    if not ln.nent_alive and ln.reading and lane_dec32_above(&ln.sh.watchers, 0):
         ln.fuse_away = 1
         ln.away_ms = 1
         ln.n_fuse_away += 1
+        return
+    lane_store32(&ln.go_away, 0)    # it cannot leave (the last watcher, the rings, stopping)
 
 
 cdef void lane_fuse_rejoin(lane_t *ln) noexcept nogil:
     ln.fuse_away = 0
+    lane_store32(&ln.go_away, 0)
     lane_inc32(&ln.sh.watchers)
+
+
+cdef inline void lane_worked(lane_t *ln) noexcept nogil:
+    """It read a request or was handed one: it polls /dev/fuse again if it
+    had stopped, and a send-away that came in since is stale."""
+    if ln.fuse_away:
+        lane_fuse_rejoin(ln)
+    elif lane_load32(&ln.go_away):
+        lane_store32(&ln.go_away, 0)
 
 
 cdef void lane_stop_reading(lane_t *ln, int32_t err) noexcept nogil:
@@ -743,10 +765,9 @@ cdef bint lane_take_handed(lane_t *ln) noexcept nogil:
             got = True
         while ln.nfreereq and lane_ring_pop(&sh.inbox[ln.id * sh.nlanes + j], &x):
             lane_store64(&ln.n_handed_in, ln.n_handed_in + 1)  # read by lane_send_idle_away
-            if ln.fuse_away:
-                # a caller on this lane's CPU: its next requests are better
-                # read here than handed over
-                lane_fuse_rejoin(ln)
+            # a caller on this lane's CPU: its next requests are better
+            # read here than handed over
+            lane_worked(ln)
             if x.home == LANE_NONE:
                 lane_backlog_link(ln, <lane_backlog *>x.buf)
             else:
@@ -806,7 +827,7 @@ cdef void lane_wait(lane_t *ln, bint want_fuse) noexcept nogil:
     if lane_load32(&ln.go_away):
         lane_go_away(ln)
     if want_fuse and ln.fuse_away:
-        if ln.nent or lane_load32(&ln.sh.watchers) == 0:
+        if ln.nent_alive or lane_load32(&ln.sh.watchers) == 0:
             lane_fuse_rejoin(ln)
         else:
             want_fuse = False
@@ -966,10 +987,10 @@ cdef void lane_dispatch(lane_t *ln, uint8_t *buf, size_t n, uint32_t bi, int32_t
         return
     if not lane_is_data(h.opcode):
         if h.opcode == FUSE_GETXATTR and lane_xattr_is_none(buf, n):
-            # the kernel asks for security.capability before an inode's
-            # first buffered write (FUSE_HANDLE_KILLPRIV_V2 makes that the
-            # only time, forward.c), and tools ask for security.* and
-            # system.* names: answered here, not a trip through Python
+            # the kernel asks for security.capability before a buffered
+            # write (once per attribute refresh with FUSE_HANDLE_KILLPRIV_V2,
+            # forward.c), and tools ask for security.* and system.* names:
+            # answered here, not a trip through Python
             ln.n_xattr_none += 1
             lane_reply(ln, reply_fd, h.unique, ENODATA, NULL, 0)
             return
@@ -1044,6 +1065,7 @@ cdef bint lane_hand(lane_t *ln, uint32_t target, uint8_t *buf, size_t n, uint32_
     if not lane_ring_push(&ln.sh.inbox[target * ln.sh.nlanes + ln.id], &x):
         return False
     ln.n_handed_out += 1
+    lane_store64(&ln.n_routed, ln.n_routed + 1)    # read by lane_kept
     nvmefs_mb()
     if lane_load32(&t.sleeping):
         lane_wake(t.wake_fd)
