@@ -288,6 +288,12 @@ def test_page_cache_mode_is_coherent(paths, tmp_path):
             assert f.read(8192) == bytes(8192)
 
 
+def _bdi_max_ratio(mnt):
+    d = os.stat(mnt).st_dev
+    with open(f"/sys/class/bdi/{os.major(d)}:{os.minor(d)}/max_ratio") as f:
+        return int(f.read())
+
+
 @pytest.mark.usefixtures("fuse_transport")
 def test_page_cache_gathers_writes_and_fsync_still_flushes(paths, tmp_path):
     """--page-cache negotiates FUSE's writeback cache: 256 buffered 4 KiB
@@ -300,6 +306,8 @@ def test_page_cache_gathers_writes_and_fsync_still_flushes(paths, tmp_path):
     data = os.urandom(MiB)
     with mounted(mnt, img, "--size", "64M", "--page-cache"):
         dev = os.path.join(mnt, "nvme0n1")
+        # the mount may hold 10% of the dirty threshold, not FUSE's 1%
+        assert _bdi_max_ratio(mnt) == 10
         before = stats(mnt)
         fd = os.open(dev, os.O_RDWR)
         try:
@@ -320,6 +328,7 @@ def test_page_cache_gathers_writes_and_fsync_still_flushes(paths, tmp_path):
         finally:
             os.close(fd)
     with mounted(mnt, img):
+        assert _bdi_max_ratio(mnt) == 1     # without the page cache, the kernel's
         with open(os.path.join(mnt, "nvme0n1"), "rb") as f:
             f.seek(8 * MiB)
             assert f.read(MiB) == data
