@@ -45,6 +45,7 @@ import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -320,7 +321,15 @@ def verdicts(results, rows, targets):
     return out
 
 
+def terminated(signum, frame):
+    # SIGTERM (kill, a CI timeout) unwinds like ^C: every target unmounted,
+    # the images on /dev/shm removed (left there they hold RAM and shrink
+    # the dirty-page limits of the next run), enable_uring put back
+    raise SystemExit(128 + signum)
+
+
 def main(argv=None):
+    signal.signal(signal.SIGTERM, terminated)
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--runtime", type=int, default=3, help="seconds per fio run (default 3)")
     ap.add_argument("--size", default="1G", help="region fio uses in each file (default 1G)")
