@@ -109,10 +109,13 @@ def daemon(argv, path, size, umount, env=None):
         wait_ready(path, proc, size)
         yield proc
     finally:
-        subprocess.run(umount, capture_output=True)
+        unmounted = subprocess.run(umount, capture_output=True).returncode == 0
         # the FUSE servers exit when unmounted; qemu-storage-daemon keeps
-        # running without its export and needs SIGTERM
+        # running without its export and needs SIGTERM, and so does a
+        # server whose mount is still busy (a fio job that outlived a ^C)
         for stop in (None, proc.terminate, proc.kill):
+            if stop is None and not unmounted:
+                continue
             if stop:
                 stop()
             try:
