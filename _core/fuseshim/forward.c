@@ -60,8 +60,9 @@ static int uring_offered;
  * nothing to kill, until its attributes are fetched again (fuse clears
  * S_NOSEC then; every 300 s here, nvmefs/fusefs.py attr_timeout).  What
  * the flag asks of the server -- drop suid/sgid and capabilities on
- * write, truncate and chown -- is empty here: the namespace files are 0644, mode and owner changes are refused
- * (nvmefs/fusefs.py setattr) and no security.* attribute can be set.
+ * write, truncate and chown -- is empty here: the namespace files are
+ * 0644, mode and owner changes are refused (nvmefs/fusefs.py setattr) and
+ * no security.* attribute can be set.
  * libfuse 3.14 cannot ask for it (3.17 can), so it is added here. */
 static int killpriv_v2_offered;
 
