@@ -4,12 +4,12 @@ import errno
 import json
 import logging
 import os
-import re
 import sys
 
 from nvmefs import __version__
 from nvmefs.admin import FEATURES
 from nvmefs.errors import ConnectFailed, UsageError, os_text, unwrap
+from nvmefs.mounts import fuse_mounts
 from nvmefs.tcp_url import is_tcp, tcp_options
 
 # the mount's root attributes (nvmefs/fusefs.py)
@@ -119,18 +119,8 @@ def with_controller(args, fn):
 
 
 def nvmefs_mounts():
-    """Mountpoints of running nvmefs mounts (/proc/self/mounts)."""
-    out = []
-    try:
-        with open("/proc/self/mounts") as f:
-            for line in f:
-                fields = line.split()
-                if len(fields) > 2 and fields[2] == "fuse.nvmefs":
-                    # octal escapes for blanks in the path (\040)
-                    out.append(re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[1]))
-    except OSError:
-        pass
-    return out
+    """Mountpoints of running nvmefs mounts."""
+    return [point for point, fstype, _dev in fuse_mounts() if fstype == "fuse.nvmefs"]
 
 
 def mount_serving(args):

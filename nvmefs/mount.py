@@ -19,7 +19,6 @@ import ctypes
 import errno
 import logging
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -31,6 +30,7 @@ import trio
 
 from nvmefs.errors import ConnectFailed, UsageError, os_text, unwrap
 from nvmefs.image import check_image, create_image, default_image
+from nvmefs.mounts import fuse_mounts
 
 log = logging.getLogger("nvmefs.mount")
 
@@ -184,20 +184,14 @@ async def serve(args, transport, ready_fd=None):
 
 
 def mount_bdi(mountpoint):
-    """The FUSE mount's backing device ("major:minor"), from mountinfo: a
-    stat() would be a request to the mount this thread serves (realpath()
-    of the mount point itself too: only its parent is resolved)."""
+    """The nvmefs mount's backing device ("major:minor"), from the mount
+    table: only the mount point's parent is resolved, since realpath() of
+    the mount point itself would be a request to the mount this thread
+    serves."""
     path = os.path.abspath(mountpoint).rstrip("/") or "/"
     target = os.path.join(os.path.realpath(os.path.dirname(path)), os.path.basename(path))
-    found = None
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            fields = line.split()
-            sep = fields.index("-") if "-" in fields else -1
-            point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[4])
-            if point == target and 0 < sep < len(fields) - 1 and fields[sep + 1].startswith("fuse"):
-                found = fields[2]       # the last one: it is on top
-    return found
+    found = [dev for point, fstype, dev in fuse_mounts() if point == target and fstype == "fuse.nvmefs"]
+    return found[-1] if found else None      # the last one: it is on top
 
 
 def raise_dirty_share(mountpoint):
